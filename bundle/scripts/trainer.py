@@ -1,0 +1,306 @@
+"""AdaCS trainer: two networks, two optimizers, one ``_iteration`` that reads like the algorithm.
+
+Per micro-step (paper Alg. / reference ``train_vxm.py``):
+
+1. score maps S_fwd = g(fixed), S_bwd = g(moving), computed once (one batched forward) and reused;
+2. displacement step: L_de with S detached, backward, Adam step on theta every ``accumulation_steps``;
+   then the momentum smoothness weight is updated from the data term;
+3. scoring step: the warped images come from theta_{t+1} (a second forward without gradients, skipped when
+   theta did not change, i.e. between accumulation boundaries), L_se with the warped image detached,
+   backward, Adam step on phi every ``accumulation_steps``.
+
+Warm start: ``motion_warmup_epochs`` with S = 1 and no scoring step, then ``scoring_warmup_epochs`` with the
+displacement network frozen, then joint. ``use_scoring=False`` turns the same trainer into VoxelMorph-MSE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from monai.networks.blocks import Warp
+from monai.utils import CommonKeys as Keys
+from torch.optim import Optimizer
+
+from .losses import Direction, DisplacementLoss, ScoringLoss, foreground_mask
+from .networks import RegistrationFields, registration_fields
+from .schedule import MomentumSmoothnessWeight, Phase, phase_for_epoch
+
+# every scalar the trainer reports (NaN when the phase skips that branch)
+LOSS_TERMS: tuple[str, ...] = (
+    Keys.LOSS,
+    "loss_displacement",
+    "loss_data",
+    "loss_grad",
+    "loss_scoring",
+    "loss_ucs",
+    "loss_reg",
+    "loss_smooth",
+    "smoothness_weight",
+    "mean_score",
+)
+
+
+class PreparePairBatch:
+    """``prepare_batch`` for registration: returns ``(moving, fixed)`` on the device."""
+
+    def __init__(self, moving_key: str = "moving", fixed_key: str = "fixed") -> None:
+        self.moving_key = moving_key
+        self.fixed_key = fixed_key
+
+    def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):
+        moving = batchdata[self.moving_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        fixed = batchdata[self.fixed_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        return moving, fixed
+
+
+def loss_terms(output: Any) -> dict[str, float]:
+    """``output_transform`` for Stats/TensorBoard handlers: every loss term and the momentum as floats."""
+    item = output[0] if isinstance(output, list) else output
+    return {k: float(item[k]) for k in LOSS_TERMS if k in item}
+
+
+def _global_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over data-parallel ranks (identity without torch.distributed), so every rank sees the same momentum."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+class AdaCSTrainer(Trainer):
+    """Alternating trainer of the displacement estimator f_theta and the scoring estimator g_phi.
+
+    Args:
+        device: where to train.
+        max_epochs: total epochs, warm-up included (the paper: 20 + 20 + 300).
+        train_data_loader: yields dicts with ``moving`` and ``fixed`` images (B, 1, H, W).
+        displacement_network: any ``(B, 2, H, W) -> ddf`` network; ``DiffeomorphicVoxelMorph`` also gives the
+            inverse field and the velocity (bidirectional training, smoothness on the velocity).
+        scoring_network: ``(B, 1, H, W) -> S in (0, 1)``; may be None when ``use_scoring`` is False.
+        displacement_optimizer, scoring_optimizer: one optimizer per network.
+        displacement_loss: :class:`DisplacementLoss` (similarity, regulariser, lambda).
+        scoring_loss: :class:`ScoringLoss` (similarity, alpha).
+        smoothness_weight: :class:`MomentumSmoothnessWeight` (beta and the momentum constants).
+        use_scoring: False gives the VoxelMorph baseline (S = 1, every epoch trains the displacement network).
+        motion_warmup_epochs, scoring_warmup_epochs: the warm start (the paper: 20 and 20).
+        accumulation_steps: micro-steps per optimizer step; gradients are summed, as in the reference code.
+        use_mask: apply the background mask M = (moving != 0) | (fixed != 0).
+        warp_padding_mode: padding of the image warp (VoxelMorph: zeros).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        displacement_network: torch.nn.Module,
+        displacement_optimizer: Optimizer,
+        displacement_loss: DisplacementLoss,
+        scoring_network: torch.nn.Module | None = None,
+        scoring_optimizer: Optimizer | None = None,
+        scoring_loss: ScoringLoss | None = None,
+        smoothness_weight: MomentumSmoothnessWeight | None = None,
+        use_scoring: bool = True,
+        motion_warmup_epochs: int = 20,
+        scoring_warmup_epochs: int = 20,
+        accumulation_steps: int = 2,
+        use_mask: bool = True,
+        warp_padding_mode: str = "zeros",
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = PreparePairBatch(),
+        iteration_update: Callable | None = None,
+        inferer: Any = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable | None = None,
+        train_handlers: Sequence | None = None,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+        to_kwargs: dict | None = None,
+    ) -> None:
+        if use_scoring and (scoring_network is None or scoring_optimizer is None or scoring_loss is None):
+            raise ValueError("use_scoring=True needs scoring_network, scoring_optimizer and scoring_loss.")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}.")
+        extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            **extra,
+        )
+        self.displacement_network = displacement_network
+        self.network = displacement_network  # the bundle's primary network, for handlers that look for it
+        self.displacement_optimizer = displacement_optimizer
+        self.displacement_loss = displacement_loss
+        self.scoring_network = scoring_network
+        self.scoring_optimizer = scoring_optimizer
+        self.scoring_loss = scoring_loss
+        self.smoothness_weight = smoothness_weight if smoothness_weight is not None else MomentumSmoothnessWeight()
+        self.use_scoring = use_scoring
+        self.motion_warmup_epochs = motion_warmup_epochs if use_scoring else 0
+        self.scoring_warmup_epochs = scoring_warmup_epochs if use_scoring else 0
+        self.accumulation_steps = accumulation_steps
+        self.use_mask = use_mask
+        self.inferer = inferer
+        self.optim_set_to_none = optim_set_to_none
+        self.warp = Warp(mode="bilinear", padding_mode=warp_padding_mode)
+        self.state.phase = self.phase_of(0)
+        self.state.smoothness_weight_state = self.smoothness_weight.state_dict()
+        self._state_dict_user_keys.append("smoothness_weight_state")
+        self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+
+    # ---- schedule and state -------------------------------------------------------------------------------
+    def phase_of(self, epoch_index: int) -> Phase:
+        """Phase of a 0-based epoch (always MOTION when scoring is off)."""
+        if not self.use_scoring:
+            return Phase.MOTION
+        return phase_for_epoch(epoch_index, self.motion_warmup_epochs, self.scoring_warmup_epochs)
+
+    def _start_epoch(self, engine: AdaCSTrainer) -> None:
+        sampler = getattr(engine.data_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # same pairs after a resume as in an uninterrupted run
+            sampler.set_epoch(engine.state.epoch)
+        engine.state.phase = engine.phase_of(engine.state.epoch - 1)
+        engine.smoothness_weight.start_epoch(engine.state.epoch - 1)
+
+    def state_dict(self):
+        self.state.smoothness_weight_state = self.smoothness_weight.state_dict()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self.smoothness_weight.load_state_dict(self.state.smoothness_weight_state)
+        self.state.phase = self.phase_of(self.state.epoch)
+
+    def _accumulation_boundaries(self) -> tuple[bool, bool]:
+        """(zero the gradients before this micro-step, step the optimizers after it)."""
+        acc = self.accumulation_steps
+        epoch_length = self.state.epoch_length
+        local = (self.state.iteration - 1) % epoch_length if epoch_length else self.state.iteration - 1
+        last = epoch_length is not None and local + 1 == epoch_length
+        return local % acc == 0, (local + 1) % acc == 0 or last
+
+    # ---- building blocks ----------------------------------------------------------------------------------
+    def score_maps(self, moving: torch.Tensor, fixed: torch.Tensor, bidirectional: bool) -> list[torch.Tensor]:
+        """S = g(target) for each direction, in one batched forward: [g(fixed)] or [g(fixed), g(moving)]."""
+        targets = torch.cat([fixed, moving]) if bidirectional else fixed
+        return list(self.scoring_network(targets).split(fixed.shape[0]))
+
+    def directions(
+        self, moving: torch.Tensor, fixed: torch.Tensor, fields: RegistrationFields, scores: list | None
+    ) -> list[Direction]:
+        """The forward direction (moving onto fixed) and, if the network gives one, the backward direction."""
+        scores = scores if scores is not None else [None, None]
+        result = [Direction(self.warp(moving, fields.forward_ddf), fixed, scores[0])]
+        if fields.backward_ddf is not None:
+            result.append(Direction(self.warp(fixed, fields.backward_ddf), moving, scores[1]))
+        return result
+
+    # ---- one micro-step -----------------------------------------------------------------------------------
+    def _iteration(self, engine: AdaCSTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        moving, fixed = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        image = torch.cat([moving, fixed], dim=1)
+        phase: Phase = engine.state.phase
+        mask = foreground_mask(moving, fixed) if engine.use_mask else None
+        zero_grad, step = engine._accumulation_boundaries()
+        output: dict[str, Any] = {Keys.IMAGE: image, Keys.LABEL: fixed, Keys.PRED: None}
+        output.update({k: math.nan for k in LOSS_TERMS})
+        engine.state.output = output
+
+        bidirectional = _is_bidirectional(engine.displacement_network)
+        scores = None
+        if phase.trains_scoring:
+            engine.scoring_network.train()
+            scores = engine.score_maps(moving, fixed, bidirectional)
+
+        warped_directions = None
+        if phase.trains_motion:
+            warped_directions = engine._displacement_step(image, moving, fixed, scores, mask, zero_grad, step)
+        if phase.trains_scoring:
+            engine._scoring_step(image, moving, fixed, scores, mask, zero_grad, step, reuse=warped_directions)
+        output[Keys.LOSS] = output["loss_displacement"] if phase.trains_motion else output["loss_scoring"]
+        output["smoothness_weight"] = engine.smoothness_weight.value
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _displacement_step(self, image, moving, fixed, scores, mask, zero_grad: bool, step: bool):
+        """L_de step on theta. Returns the detached directions when theta did not change (reusable)."""
+        output = self.state.output
+        self.displacement_network.train()
+        if zero_grad:
+            self.displacement_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        fields = registration_fields(self.displacement_network, image)
+        directions = self.directions(moving, fixed, fields, scores)
+        output[Keys.PRED] = fields.forward_ddf
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        losses = self.displacement_loss(directions, mask, fields.regularized_field)
+        output.update(
+            loss_displacement=losses["total"].detach(), loss_data=losses["data"].detach(), loss_grad=losses["grad"].detach()
+        )
+        self.fire_event(IterationEvents.LOSS_COMPLETED)
+        losses["total"].backward()
+        self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if step:
+            self.displacement_optimizer.step()
+        if self.use_scoring:
+            self.smoothness_weight.update(float(_global_mean(losses["data"].detach())))
+        if step:
+            return None
+        return [Direction(d.warped.detach(), d.target, None) for d in directions]
+
+    def _scoring_step(self, image, moving, fixed, scores, mask, zero_grad: bool, step: bool, reuse=None) -> None:
+        """L_se step on phi, against the warps of theta_{t+1} (recomputed only if theta changed)."""
+        output = self.state.output
+        if zero_grad:
+            self.scoring_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        if reuse is None:
+            with torch.no_grad():
+                fields = registration_fields(self.displacement_network, image)
+                reuse = self.directions(moving, fixed, fields, None)
+                if output[Keys.PRED] is None:
+                    output[Keys.PRED] = fields.forward_ddf
+        directions = [Direction(d.warped, d.target, s) for d, s in zip(reuse, scores)]
+        losses = self.scoring_loss(directions, mask, self.smoothness_weight.value)
+        if not self.state.phase.trains_motion:
+            self.fire_event(IterationEvents.FORWARD_COMPLETED)
+            self.fire_event(IterationEvents.LOSS_COMPLETED)
+        losses["total"].backward()
+        if not self.state.phase.trains_motion:
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if step:
+            self.scoring_optimizer.step()
+        output.update(
+            loss_scoring=losses["total"].detach(),
+            loss_ucs=losses["ucs"].detach(),
+            loss_reg=losses["reg"].detach(),
+            loss_smooth=losses["smooth"].detach(),
+            mean_score=torch.stack([s.detach().mean() for s in scores]).mean(),
+        )
+
+
+def _is_bidirectional(network: torch.nn.Module) -> bool:
+    """Whether the (possibly DDP-wrapped) displacement network also returns the inverse field."""
+    core = network.module if hasattr(network, "module") else network
+    return bool(getattr(core, "bidirectional", False))
