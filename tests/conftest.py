@@ -1,0 +1,42 @@
+"""Shared test setup: the bundle on sys.path, paths to the repo and ../shared/data, the opt-in slow marker."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+SHARED_DATA = REPO.parent / "shared" / "data"
+SCHEMA = REPO / "schemas" / "meta_schema_20240725.json"
+
+if str(BUNDLE) not in sys.path:
+    sys.path.insert(0, str(BUNDLE))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long test, run with --runslow or ADACS_RUN_SLOW=1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("ADACS_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --runslow or ADACS_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def shared_data(name: str) -> Path:
+    """Path of a dataset under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: real-data tests need ../shared/data next to the repository")
+    return path
