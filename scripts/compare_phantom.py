@@ -39,7 +39,7 @@ def train(method: str, out: Path, args: argparse.Namespace) -> float:
         "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "eval"),
         "--epochs", str(args.epochs), "--epoch_length", str(args.epoch_length),
         "--motion_warmup_epochs", str(args.motion_warmup), "--scoring_warmup_epochs", str(args.scoring_warmup),
-        "--learning_rate", str(args.lr), "--use_scoring", "true" if method == "adacs" else "false",
+        "--learning_rate", str(args.lr), "--use_scoring", str(method == "adacs"),
         "--phantom_mode", args.mode, "--log_every", "1000",
     ]
     start = time.perf_counter()

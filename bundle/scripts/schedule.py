@@ -69,7 +69,7 @@ class MomentumSmoothnessWeight:
         self.momentum_scaling = momentum_scaling
         self.pi_constant = pi_constant
         self.gamma_max = gamma_max
-        self.enabled = enabled
+        self.enabled = enabled if isinstance(enabled, bool) else str(enabled).strip().lower() in ("true", "1", "yes")
         self.momentum = 0.0  # m, as in the reference code
         self.value = beta  # the L_smooth weight: beta until the first displacement step sets it to m
         self.residual_sum = 0.0

@@ -65,6 +65,17 @@ def loss_terms(output: Any) -> dict[str, float]:
     return {k: float(item[k]) for k in LOSS_TERMS if k in item}
 
 
+def as_bool(value: Any, name: str) -> bool:
+    """A config switch as a bool; accepts ``"true"``/``"false"`` as the command line passes them."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
 def _global_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over data-parallel ranks (identity without torch.distributed), so every rank sees the same momentum."""
     if dist.is_available() and dist.is_initialized():
@@ -127,6 +138,8 @@ class AdaCSTrainer(Trainer):
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
     ) -> None:
+        use_scoring = as_bool(use_scoring, "use_scoring")
+        use_mask = as_bool(use_mask, "use_mask")
         if use_scoring and (scoring_network is None or scoring_optimizer is None or scoring_loss is None):
             raise ValueError("use_scoring=True needs scoring_network, scoring_optimizer and scoring_loss.")
         if accumulation_steps < 1:
