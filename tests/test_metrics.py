@@ -1,0 +1,109 @@
+"""Jacobian determinant, folding and end-point error against analytic values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scripts.metrics import (
+    EndPointErrorMetric,
+    FoldingMetric,
+    end_point_error,
+    field_and_truth,
+    folding_percentage,
+    jacobian_determinant,
+    select_label,
+)
+
+
+def affine_field(a: list[list[float]], shift: tuple[float, float], size: int = 16) -> torch.Tensor:
+    """u(y, x) = A (y, x) + shift, channel i along axis i, shape (1, 2, size, size)."""
+    axis = torch.arange(size, dtype=torch.float64)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    u0 = a[0][0] * yy + a[0][1] * xx + shift[0]
+    u1 = a[1][0] * yy + a[1][1] * xx + shift[1]
+    return torch.stack([u0, u1])[None]
+
+
+def test_jacobian_of_identity_is_one():
+    det = jacobian_determinant(torch.zeros(2, 2, 12, 10))
+    assert det.shape == (2, 1, 12, 10)
+    assert torch.equal(det, torch.ones_like(det))
+
+
+def test_jacobian_of_a_translation_is_one():
+    det = jacobian_determinant(affine_field([[0, 0], [0, 0]], (2.5, -1.0)))
+    assert torch.allclose(det, torch.ones_like(det))
+
+
+@pytest.mark.parametrize("a", [[[0.1, 0.3], [-0.2, 0.4]], [[-0.5, 0.0], [0.0, 0.2]], [[0.0, 1.5], [0.5, 0.0]]])
+def test_jacobian_of_an_affine_field_is_the_analytic_determinant(a):
+    det = jacobian_determinant(affine_field(a, (0.7, -0.3)))
+    expected = (1 + a[0][0]) * (1 + a[1][1]) - a[0][1] * a[1][0]  # det(I + A)
+    assert torch.allclose(det, torch.full_like(det, expected), atol=1e-10)  # exact for a linear field, borders too
+
+
+def test_jacobian_rejects_a_3d_field():
+    with pytest.raises(ValueError, match="shape"):
+        jacobian_determinant(torch.zeros(1, 3, 4, 4, 4))
+
+
+def test_folding_percentage_of_smooth_and_folded_fields():
+    assert folding_percentage(affine_field([[0.2, 0.1], [0.0, -0.3]], (0, 0))).item() == 0.0
+    assert folding_percentage(affine_field([[-2.0, 0.0], [0.0, 0.0]], (0, 0))).item() == pytest.approx(100.0)
+
+    # a local fold: u0 has slope -3 along axis 0 on rows 10..20 and is flat elsewhere (32 x 32)
+    size = 32
+    rows = torch.arange(size, dtype=torch.float64).clamp(10, 20) - 10
+    ddf = torch.zeros(1, 2, size, size, dtype=torch.float64)
+    ddf[0, 0] = (-3.0 * rows)[:, None]
+    # central differences: rows 11..19 have du0/dy = -3, rows 10 and 20 have -1.5; all give det <= 0
+    assert folding_percentage(ddf).item() == pytest.approx(100.0 * 11 / size)
+
+
+def test_end_point_error_against_hand_computation():
+    ddf = torch.zeros(1, 2, 2, 2)
+    truth = torch.zeros(1, 2, 2, 2)
+    ddf[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # error 5
+    truth[0, :, 1, 1] = torch.tensor([1.0, -1.0])  # error sqrt(2)
+    assert end_point_error(ddf, truth).item() == pytest.approx((5.0 + math.sqrt(2)) / 4)
+    region = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    assert end_point_error(ddf, truth, region).item() == pytest.approx(5.0)
+    region = torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]])
+    assert end_point_error(ddf, truth, region).item() == pytest.approx(math.sqrt(2) / 3)
+
+
+def test_metrics_aggregate_like_monai_cumulative_metrics():
+    folding = FoldingMetric()
+    fields = [affine_field([[-2.0, 0.0], [0.0, 0.0]], (0, 0)), affine_field([[0.1, 0.0], [0.0, 0.1]], (0, 0))]
+    per_case = folding(torch.cat(fields), None)  # one batch of two cases
+    assert per_case.shape == (2, 1)
+    folding([fields[0][0]], [fields[0][0]])  # a decollated list, as handlers pass it (y is ignored)
+    assert folding.aggregate().item() == pytest.approx((100.0 + 0.0 + 100.0) / 3)
+    assert folding.aggregate(reduction="none").flatten().tolist() == pytest.approx([100.0, 0.0, 100.0])
+    folding.reset()
+    folding(fields[1], None)
+    assert folding.aggregate().item() == 0.0
+
+    epe = EndPointErrorMetric(get_not_nans=True)
+    ones = torch.ones(1, 2, 4, 4)
+    epe(ones, torch.zeros_like(ones))  # sqrt(2)
+    epe(ones, ones * 3)  # |(-2, -2)| = 2 sqrt(2)
+    epe(ones, torch.full_like(ones, float("nan")))  # unknown truth: NaN, ignored by the mean
+    value, not_nans = epe.aggregate()
+    assert value.item() == pytest.approx(1.5 * math.sqrt(2))
+    assert not_nans.item() == 2
+
+
+def test_output_transforms():
+    pred = torch.rand(2, 4, 4)
+    output = [{"pred": pred, "true_ddf": pred + 1}, {"pred": pred}]
+    preds, truths = field_and_truth(output)
+    assert torch.equal(truths[0], pred + 1) and torch.isnan(truths[1]).all()
+    labels_map = torch.tensor([[0, 1, 2], [3, 2, 1], [0, 0, 3]])
+    onehot = torch.nn.functional.one_hot(labels_map, 4).permute(2, 0, 1).float()  # (4, 3, 3)
+    preds, labels = select_label(2)([{"warped_label": onehot, "label": onehot * 2}])
+    assert preds[0].shape == (1, 3, 3)
+    assert torch.equal(preds[0], onehot[2:3]) and torch.equal(labels[0], 2 * onehot[2:3])
