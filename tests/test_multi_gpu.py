@@ -1,0 +1,169 @@
+"""configs/multi_gpu_train.yaml on CPU (gloo): 2 processes x batch 2 train exactly as 1 process x batch 4.
+
+* ``test_ddp_losses_match_single_process``: ``tests/ddp_runner.py`` records every micro-step's loss terms (averaged
+  over ranks) through the motion, scoring and joint phases, with gradient accumulation; the terms and the final
+  weights of both networks must equal those of the single-process run.
+* ``test_torchrun_bundle_command``: the documented command line itself
+  (``torchrun ... -m monai.bundle run --config_file "['configs/train.yaml','configs/multi_gpu_train.yaml']"``)
+  with tiny overrides: it succeeds, rank 0 alone logs and writes, its checkpoints load without DDP prefixes, and its
+  final displacement weights equal the single-process run's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+RUNNER = REPO / "tests" / "ddp_runner.py"
+TIMEOUT = 240  # seconds per launch (a broken collective would otherwise wait for gloo's 30 min timeout)
+GLOBAL_BATCH = 4
+NPROC = 2
+TINY = {  # motion, scoring and joint phases, accumulation over 2 micro-steps, 32 x 32 phantom
+    "epochs": 3,
+    "motion_warmup_epochs": 1,
+    "scoring_warmup_epochs": 1,
+    "epoch_length": 4,
+    "accumulation_steps": 2,
+    "image_size": [32, 32],
+    "num_train_pairs": 8,
+    "num_val_pairs": 4,
+    "log_every": 1,
+}
+RTOL, ATOL_LOSS, ATOL_WEIGHT = 1e-4, 1e-10, 1e-6
+
+
+def torchrun_command() -> list[str]:
+    """The torchrun launcher (``python -m torch.distributed.run`` is the same program), or skip."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is unavailable: cannot run DDP on CPU")
+    exe = Path(sys.executable).parent / "torchrun"
+    if exe.is_file():
+        return [str(exe)]
+    if shutil.which("torchrun"):
+        return [shutil.which("torchrun")]
+    if importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torchrun (torch.distributed.run) is unavailable")
+    return [sys.executable, "-m", "torch.distributed.run"]
+
+
+def launch(cmd: list[str], cwd: Path, log: Path) -> None:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun and its workers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {TIMEOUT} s; log: {log}\n{log.read_text()[-3000:]}")
+    assert code == 0, f"{' '.join(cmd)} failed with exit code {code}:\n{log.read_text()[-6000:]}"
+
+
+def overrides(tmp: Path, batch_size: int) -> dict:
+    return {**TINY, "batch_size": batch_size, "ckpt_dir": str(tmp / "models"), "output_dir": str(tmp / "eval")}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """The reference: one process, train.yaml only, batch 4."""
+    tmp = tmp_path_factory.mktemp("single")
+    out = tmp / "out.json"
+    cmd = [sys.executable, str(RUNNER), "--out", str(out), "--override", json.dumps(overrides(tmp, GLOBAL_BATCH))]
+    launch(cmd, REPO, tmp / "log.txt")
+    return json.loads(out.read_text()), torch.load(out.with_suffix(".pt"))
+
+
+def assert_same_weights(reference: dict, other: dict, what: str) -> None:
+    assert reference.keys() == other.keys(), f"{what}: parameter names differ"
+    for name, value in reference.items():
+        torch.testing.assert_close(other[name], value, rtol=RTOL, atol=ATOL_WEIGHT, msg=f"{what}: {name} differs")
+
+
+def test_ddp_losses_match_single_process(single: tuple[dict, dict], tmp_path: Path) -> None:
+    launcher = torchrun_command()
+    out = tmp_path / "out.json"
+    cmd = [*launcher, "--standalone", "--nnodes=1", f"--nproc_per_node={NPROC}", str(RUNNER), "--distributed",
+           "--out", str(out), "--override", json.dumps(overrides(tmp_path, GLOBAL_BATCH // NPROC))]
+    launch(cmd, REPO, tmp_path / "log.txt")
+    reference, reference_weights = single
+    ddp, ddp_weights = json.loads(out.read_text()), torch.load(out.with_suffix(".pt"))
+
+    assert reference["world_size"] == 1 and not reference["ddp"]
+    assert ddp["world_size"] == NPROC and ddp["ddp"], "both networks must be DistributedDataParallel"
+    steps = TINY["epochs"] * TINY["epoch_length"]
+    assert len(reference["records"]) == len(ddp["records"]) == steps
+    phases = [r["phase"] for r in reference["records"]]
+    assert phases == [r["phase"] for r in ddp["records"]]
+    assert set(phases) == {"motion", "scoring", "joint"}
+    for ref, got in zip(reference["records"], ddp["records"]):
+        measured = {k for k, v in ref.items() if isinstance(v, float) and not math.isnan(v)}
+        if ref["phase"] != "scoring":
+            assert "loss_displacement" in measured
+        if ref["phase"] != "motion":
+            assert {"loss_scoring", "mean_score"} <= measured
+        for key, value in ref.items():
+            if key in ("iteration", "epoch", "phase"):
+                assert got[key] == value
+                continue
+            assert math.isnan(got[key]) == math.isnan(value), f"iteration {ref['iteration']}: {key} NaN mismatch"
+            if not math.isnan(value):
+                assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL_LOSS), (
+                    f"iteration {ref['iteration']} ({ref['phase']}): {key} {got[key]} (DDP) vs {value} (single)"
+                )
+    for net in ("displacement", "scoring"):
+        assert_same_weights(reference_weights["initial"][net], ddp_weights["initial"][net], f"initial {net}")
+        assert_same_weights(reference_weights["final"][net], ddp_weights["final"][net], f"final {net}")
+        moved = max(float((reference_weights["final"][net][k] - v).abs().max())
+                    for k, v in reference_weights["initial"][net].items())
+        assert moved > 100 * ATOL_WEIGHT, f"{net} network did not train, the comparison would be empty"
+
+
+def test_torchrun_bundle_command(single: tuple[dict, dict], tmp_path: Path) -> None:
+    launcher = torchrun_command()
+    args = []
+    for key, value in overrides(tmp_path, GLOBAL_BATCH // NPROC).items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    logs = tmp_path / "logs"
+    cmd = [*launcher, "--standalone", "--nnodes=1", f"--nproc_per_node={NPROC}", "--log-dir", str(logs),
+           "--redirects", "3", "-m", "monai.bundle", "run",
+           "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']", *args]
+    launch(cmd, BUNDLE, tmp_path / "log.txt")
+
+    models = tmp_path / "models"
+    for name in ("checkpoint_final.pt", "model.pt", "scoring_model.pt"):
+        assert (models / name).is_file(), f"rank 0 did not save {name}: {sorted(p.name for p in models.iterdir())}"
+    from scripts.networks import DiffeomorphicVoxelMorph, ScoringNet
+
+    DiffeomorphicVoxelMorph().load_state_dict(torch.load(models / "model.pt"))  # strict: no "module." prefix
+    ScoringNet().load_state_dict(torch.load(models / "scoring_model.pt"))
+    final = torch.load(models / "checkpoint_final.pt", weights_only=False)
+    _, reference_weights = single
+    assert_same_weights(reference_weights["final"]["displacement"], final["displacement_network"], "CLI displacement")
+    assert_same_weights(reference_weights["final"]["scoring"], final["scoring_network"], "CLI scoring")
+
+    # rank 0 alone logs the loss terms and writes TensorBoard events
+    event_pids = {p.name.split(".")[-2] for p in (tmp_path / "eval").glob("events.out.tfevents.*")}
+    assert len(event_pids) == 1, f"TensorBoard events written by several processes: {event_pids}"
+    rank_logs = {r: "".join(p.read_text() for p in logs.rglob(f"attempt_*/{r}/std*.log")) for r in range(NPROC)}
+    steps = TINY["epochs"] * TINY["epoch_length"]
+    assert rank_logs[0].count("Iter:") == steps, "rank 0 should log every micro-step (log_every 1)"
+    assert "Metrics --" in rank_logs[0]
+    for rank in range(1, NPROC):
+        assert rank_logs[rank], f"no log captured for rank {rank} (torchrun --log-dir layout changed?)"
+        for marker in ("Iter:", "Metrics --", "Epoch[", "Saved checkpoint"):
+            assert marker not in rank_logs[rank], f"rank {rank} logged {marker!r}"
