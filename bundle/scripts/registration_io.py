@@ -1,0 +1,608 @@
+"""Registration of a user's NIfTI pairs at their native size and geometry (the engine of ``inference.yaml``).
+
+For every pair (``<case>_ED.nii.gz`` moving, ``<case>_ES.nii.gz`` fixed, optional ``<case>_ED_gt.nii.gz`` /
+``<case>_ES_gt.nii.gz``; or the ``testing`` section of a datalist JSON) :class:`PairRegistrationRunner` writes into
+``output_dir``:
+
+* ``<case>_ddf.nii.gz``: the displacement field on the moving image's voxel grid, with its affine; array
+  ``(X, Y, C)`` for a 2D image (``(X, Y, 1, C)`` if stored with a singleton third axis) or ``(X, Y, Z, 3)``
+  for a short-axis stack; **voxel units of the input grid, component i along NIfTI array axis i** (for stacks
+  the through-plane component is 0), pull convention of MONAI ``Warp``: ``warped[x] = moving[x + ddf[x]]``.
+* ``<case>_ddf_itk.nii.gz`` (``.nrrd`` for one-slice ``(X, Y, 1)`` files, see :func:`itk_field_extension`):
+  the same field as an ITK displacement field (vector image written by ITK, NIfTI intent VECTOR,
+  **millimetres, ITK physical (LPS) x, y(, z) components**), on the moving image's
+  geometry as ITK reads it; ITK's convention ``T(p) = p + d(p)`` maps points of the fixed (ES) image to the
+  moving (ED) image, so ``itk.WarpImageFilter`` / ``itk.DisplacementFieldTransform`` + ``ResampleImageFilter``,
+  ``antsApplyTransforms`` or Slicer's transform module resample the moving image onto the fixed one with it.
+* ``<case>_warped.nii.gz``: the moving image (original intensities) warped onto the fixed one (bilinear).
+* ``<case>_warped_gt.nii.gz``: the moving label warped (each class bilinear, then argmax), when given.
+* ``<case>_score.nii.gz``: the scoring network's correspondence score of the fixed image, on request.
+* ``summary.csv``: one row per case: files, status, error message, Dice (when both labels exist; also the
+  undeformed Dice), folding percentage, time.
+
+Images of any in-plane size are min-max scaled and resized to the network grid (``image_size``); the field
+is resized back to the native grid and its vectors scaled by the size ratio. 3D stacks are registered slice by
+slice (slices along the third array axis). Every problem of a pair (unreadable file, missing partner, unequal
+shapes) is reported by name in the log and the CSV; the other pairs still finish; :meth:`run` ends with
+``SystemExit(1)`` when any pair failed. Inputs are never overwritten and every output file is written to a
+temporary name in ``output_dir`` and renamed into place (whole or absent).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import SimpleInferer
+from monai.networks.blocks import Warp
+from monai.transforms import MapTransform
+from torch.utils.data import Dataset
+
+from .data import DatasetError, load_datalist_json
+from .evaluator import one_hot
+from .metrics import folding_percentage
+
+logger = logging.getLogger(__name__)
+
+PAIR_PATTERN = re.compile(r"^(?P<case>.+)_(?P<phase>ED|ES)(?P<gt>_gt)?\.nii(\.gz)?$")
+CSV_COLUMNS = (
+    "case", "status", "error", "moving", "fixed", "moving_label", "fixed_label", "shape", "outputs",
+    "dice", "dice_undeformed", "dice_per_class", "dice_undeformed_per_class", "folding_pct", "time_s",
+)
+
+
+class PairError(RuntimeError):
+    """A problem of one pair (message names the file); the other pairs go on."""
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+def collect_pairs(
+    dataset_dir: str | os.PathLike | None, datalist: str | os.PathLike | None = None, section: str = "testing"
+) -> list[dict[str, Any]]:
+    """Every case of a folder (naming rule) or of a datalist JSON section, as dicts of file paths.
+
+    A case without its partner frame is returned with an ``error`` entry instead of raising, so that it is
+    reported while the other cases run. Labels are kept individually (a moving label alone is warped; Dice
+    needs both). A missing folder or an unreadable datalist raises :class:`DatasetError`.
+    """
+    if datalist:
+        items = load_datalist_json(datalist, section, dataset_dir)
+        seen: dict[str, int] = {}
+        out = []
+        for item in items:
+            case = str(item.get("case") or _stem(item["moving"]))
+            seen[case] = seen.get(case, 0) + 1
+            if seen[case] > 1:
+                case = f"{case}_{seen[case]}"
+            out.append({**item, "case": case})
+        return out
+    if not dataset_dir:
+        raise DatasetError("no input: set --dataset_dir to a folder of <case>_ED.nii.gz / <case>_ES.nii.gz pairs "
+                           "(or --datalist to a JSON with a 'testing' section).")
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder does not exist.")
+    cases: dict[str, dict[str, str]] = {}
+    for path in sorted(root.iterdir()):
+        match = PAIR_PATTERN.match(path.name)
+        if match:
+            key = {"ED": "moving", "ES": "fixed"}[match["phase"]] + ("_label" if match["gt"] else "")
+            cases.setdefault(match["case"], {})[key] = str(path)
+    if not cases:
+        raise DatasetError(f"{root}: no <case>_ED.nii.gz / <case>_ES.nii.gz files found.")
+    out = []
+    for case, files in sorted(cases.items()):
+        item: dict[str, Any] = {"case": case, **files}
+        missing = [{"moving": "ED", "fixed": "ES"}[k] for k in ("moving", "fixed") if k not in files]
+        if missing:
+            have = ", ".join(Path(f).name for f in files.values())
+            item["error"] = f"{have}: case '{case}' has no {' or '.join(missing)} frame"
+        out.append(item)
+    return out
+
+
+def _stem(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+@dataclass
+class LoadedPair:
+    """A pair read from disk: arrays ``(X, Y)`` or ``(X, Y, Z)`` (singleton dims beyond 2 dropped for 2D)."""
+
+    case: str
+    files: dict[str, str]
+    moving: np.ndarray
+    fixed: np.ndarray
+    affine: np.ndarray  # the moving image's affine (RAS, nibabel)
+    file_shape: tuple[int, ...]  # the moving file's array shape, as stored
+    moving_label: np.ndarray | None = None
+    fixed_label: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_stack(self) -> bool:
+        return self.moving.ndim == 3
+
+
+def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    if not os.path.isfile(path):
+        raise PairError(f"{path}: file does not exist")
+    try:
+        image = nib.load(path)
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises several types for corrupt files
+        raise PairError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: {error})") from None
+    shape = tuple(int(s) for s in array.shape)
+    squeezed = array.reshape(shape[:3] + tuple(s for s in shape[3:] if s != 1)) if len(shape) > 3 else array
+    if squeezed.ndim == 3 and squeezed.shape[2] == 1:
+        squeezed = squeezed[..., 0]
+    if squeezed.ndim not in (2, 3):
+        raise PairError(f"{path}: shape {shape} is neither a 2D image nor a 3D stack")
+    if not np.all(np.isfinite(squeezed)):
+        raise PairError(f"{path}: contains NaN or infinite values")
+    return squeezed, np.asarray(image.affine, dtype=np.float64), shape
+
+
+def load_pair(item: Mapping[str, Any]) -> LoadedPair:
+    """Read and check one pair; raises :class:`PairError` naming the offending file."""
+    if item.get("error"):
+        raise PairError(item["error"])
+    files = {k: str(item[k]) for k in ("moving", "fixed", "moving_label", "fixed_label") if item.get(k)}
+    arrays, affines, shapes = {}, {}, {}
+    for key, path in files.items():
+        arrays[key], affines[key], shapes[key] = _read_nifti(path)
+    distinct = {arrays[k].shape for k in arrays}
+    if len(distinct) > 1:
+        listing = ", ".join(f"{Path(files[k]).name} {shapes[k]}" for k in arrays)
+        raise PairError(f"{files['moving']}: pair has unequal shapes ({listing})")
+    notes = []
+    if not np.allclose(affines["moving"], affines["fixed"], atol=1e-3):
+        notes.append(f"{Path(files['fixed']).name}: affine differs from the moving image's; outputs use the moving one")
+    labels = {k: (np.rint(arrays[k]).astype(np.int64) if k in arrays else None) for k in ("moving_label", "fixed_label")}
+    for key, value in labels.items():
+        if value is not None and value.min() < 0:
+            raise PairError(f"{files[key]}: label map has negative values")
+    return LoadedPair(str(item["case"]), files, arrays["moving"], arrays["fixed"], affines["moving"],
+                      shapes["moving"], labels["moving_label"], labels["fixed_label"], notes)
+
+
+class PairDataset(Dataset):
+    """The ``dataset`` of ``inference.yaml``: the cases of :func:`collect_pairs`, collected on first use;
+    ``dataset[i]`` is a :class:`LoadedPair` or raises :class:`PairError` for that case only."""
+
+    def __init__(self, dataset_dir: str | None, datalist: str | None = None, section: str = "testing") -> None:
+        self.dataset_dir, self.datalist, self.section = dataset_dir, datalist, section
+        self._items: list[dict[str, Any]] | None = None
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        if self._items is None:
+            self._items = collect_pairs(self.dataset_dir, self.datalist, self.section)
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> LoadedPair:
+        return load_pair(self.items[index])
+
+
+# --------------------------------------------------------------------------------- network-grid transforms
+class FieldToNatived(MapTransform):
+    """Resize displacement fields ``(2, h, w)`` (pixels of the network grid) to the native in-plane size given
+    by ``data[size_key]`` and scale the vectors by the size ratio (bilinear, ``align_corners=False`` as
+    ``Resized``), so that they are in pixels of the native grid. Also takes ``(B, 2, h, w)``."""
+
+    def __init__(self, keys: Sequence[str], size_key: str = "native_size", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.size_key = size_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        out = dict(data)
+        size = tuple(int(s) for s in out[self.size_key])
+        for key in self.key_iterator(out):
+            out[key] = resize_ddf(torch.as_tensor(out[key]), size)
+        return out
+
+
+def resize_ddf(ddf: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(B, 2, h, w)`` or ``(2, h, w)`` field in pixels of its grid -> the same motion on a grid of ``size``."""
+    batched = ddf.ndim == 4
+    field_ = ddf if batched else ddf[None]
+    old = field_.shape[2:]
+    if tuple(old) != tuple(size):
+        scale = torch.tensor([size[0] / old[0], size[1] / old[1]], dtype=field_.dtype, device=field_.device)
+        field_ = F.interpolate(field_, size=tuple(size), mode="bilinear", align_corners=False) * scale.view(1, 2, 1, 1)
+    return field_ if batched else field_[0]
+
+
+def minmax_resize(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(S, 1, H, W)`` -> min-max scaled per image to [0, 1] and resized (bilinear) to ``size``, as the
+    bundle's ``preprocessing`` (``ScaleIntensityd`` + ``Resized``) does, batched."""
+    flat = images.flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    scaled = torch.where(high > low, (images - low) / (high - low).clamp_min(1e-12), torch.zeros_like(images))
+    if tuple(images.shape[2:]) == tuple(size):
+        return scaled
+    return F.interpolate(scaled, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------------------- registration core
+@dataclass
+class PairResult:
+    """Native-resolution results of one pair: fields ``(S, 2, H, W)`` in native pixels, one row per slice."""
+
+    ddf: torch.Tensor
+    warped: torch.Tensor  # (S, 1, H, W)
+    warped_label: torch.Tensor | None = None  # (S, 1, H, W) integer
+    score: torch.Tensor | None = None  # (S, 1, H, W)
+
+
+class PairRegistration:
+    """Register native-size slices with the displacement network on its grid and warp at native size.
+
+    Args:
+        network: ``(B, 2, h, w) -> ddf`` (pixels of the network grid).
+        image_size: the network grid.
+        inferer: MONAI inferer wrapping the network call (default ``SimpleInferer``).
+        postprocessing: maps ``{"pred": ddf (B, 2, h, w), "native_size": (H, W)}`` to the native field
+            (default :class:`FieldToNatived`).
+        scoring_network: optional ``(B, 1, h, w) -> (0, 1)`` scoring network for the score map.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        image_size: Sequence[int] = (128, 128),
+        device: str | torch.device = "cpu",
+        inferer: Callable | None = None,
+        postprocessing: Callable | None = None,
+        scoring_network: torch.nn.Module | None = None,
+    ) -> None:
+        self.network = network
+        self.image_size = tuple(int(s) for s in image_size)
+        self.device = torch.device(device)
+        self.inferer = inferer or SimpleInferer()
+        self.postprocessing = postprocessing or FieldToNatived(keys="pred")
+        self.scoring_network = scoring_network
+        self.warp = Warp(mode="bilinear", padding_mode="zeros")
+
+    @torch.no_grad()
+    def __call__(
+        self, moving: np.ndarray | torch.Tensor, fixed: np.ndarray | torch.Tensor,
+        moving_label: np.ndarray | torch.Tensor | None = None, num_classes: int | None = None,
+        score_map: bool = False,
+    ) -> PairResult:
+        """``moving``/``fixed``: ``(S, H, W)`` slices (or ``(H, W)``); labels the same shape, integer."""
+        mov = torch.as_tensor(moving, dtype=torch.float32, device=self.device)
+        fix = torch.as_tensor(fixed, dtype=torch.float32, device=self.device)
+        if mov.ndim == 2:
+            mov, fix = mov[None], fix[None]
+        mov, fix = mov[:, None], fix[:, None]  # (S, 1, H, W)
+        native = tuple(mov.shape[2:])
+        image = torch.cat([minmax_resize(mov, self.image_size), minmax_resize(fix, self.image_size)], dim=1)
+        self.network.eval()
+        ddf_net = self.inferer(image, self.network)
+        ddf = self.postprocessing({"pred": ddf_net, "native_size": native})["pred"]
+        if moving_label is None:
+            result = PairResult(ddf=ddf, warped=self.warp(mov, ddf))
+        else:  # image and one-hot label warped in one pass (one sampling grid), then argmax
+            labels = torch.as_tensor(moving_label, device=self.device).long()
+            labels = labels[None] if labels.ndim == 2 else labels
+            classes = max(num_classes or int(labels.max()) + 1, 2)
+            both = self.warp(torch.cat([mov, one_hot(labels[:, None], classes)], 1), ddf)
+            result = PairResult(ddf=ddf, warped=both[:, :1], warped_label=both[:, 1:].argmax(1, keepdim=True))
+        if score_map:
+            if self.scoring_network is None:
+                raise ValueError("score_map requested but no scoring network was given.")
+            self.scoring_network.eval()
+            score = self.scoring_network(image[:, 1:2])
+            result.score = F.interpolate(score, size=native, mode="bilinear", align_corners=False)
+        return result
+
+
+# ----------------------------------------------------------------------------------------- geometry / ITK
+def voxel_ddf_array(ddf: torch.Tensor, is_stack: bool, file_shape: Sequence[int]) -> np.ndarray:
+    """``(S, 2, H, W)`` -> channel-last array on the moving file's grid: ``(X, Y, 2)`` / ``(X, Y, 1, 2)`` for
+    2D, ``(X, Y, Z, 3)`` (through-plane 0) for a stack."""
+    array = ddf.detach().cpu().numpy().astype(np.float32)  # (S, 2, X, Y)
+    if is_stack:
+        out = np.zeros(array.shape[2:] + (array.shape[0], 3), np.float32)
+        out[..., :2] = np.moveaxis(array, (0, 1), (2, 3))
+        return out
+    out = np.moveaxis(array[0], 0, -1)  # (X, Y, 2)
+    return out[:, :, None, :] if len(file_shape) >= 3 else out
+
+
+def itk_geometry(path: str, ndim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(origin, spacing, direction) of an image file as ITK reads its header (LPS), first ``ndim`` axes.
+
+    Taken from ITK itself rather than recomputed from the NIfTI affine, so that the field lands exactly on the
+    geometry that ITK, ANTs and Slicer give the moving image (ITK's choice between qform and sform, its
+    orthogonalisation of 2D directions)."""
+    import itk
+
+    reader = itk.ImageFileReader[itk.Image[itk.F, ndim]].New(FileName=str(path))
+    try:
+        reader.UpdateOutputInformation()
+    except RuntimeError as error:
+        raise PairError(f"{path}: ITK cannot read this file's header ({error})") from None
+    image = reader.GetOutput()
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
+    return origin, spacing, direction
+
+
+def itk_displacement_field(ddf_vox: np.ndarray, origin: np.ndarray, spacing: np.ndarray, direction: np.ndarray):
+    """ITK ``Image[Vector[F, n], n]`` of the physical (mm, LPS) displacement ``direction @ (spacing * d)`` of a
+    voxel field ``ddf_vox`` (channel-last ``(X, Y[, Z], C)``, axis order of the NIfTI array = ITK index order);
+    missing components (a 2D field of a one-slice 3D file) are zero."""
+    import itk
+
+    ndim = len(spacing)
+    spatial = ddf_vox.shape[:-1]
+    if len(spatial) != ndim:
+        raise ValueError(f"field of spatial shape {spatial} for an ITK image of {ndim} dimensions")
+    vox = ddf_vox
+    if vox.shape[-1] < ndim:
+        vox = np.concatenate([vox, np.zeros(spatial + (ndim - vox.shape[-1],), vox.dtype)], axis=-1)
+    matrix = direction @ np.diag(spacing)
+    physical = (vox.astype(np.float64) @ matrix.T).astype(np.float32)  # d_phys = D S d_index
+    # ITK arrays are index-reversed: (Z, Y, X, C) for an image indexed (x, y, z)
+    array = np.ascontiguousarray(np.transpose(physical, tuple(reversed(range(ndim))) + (ndim,)))
+    image = itk.image_from_array(array, ttype=itk.Image[itk.Vector[itk.F, ndim], ndim])
+    image.SetOrigin([float(v) for v in origin])
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction, dtype=np.float64)))
+    return image
+
+
+def itk_field_extension(pair: LoadedPair) -> str:
+    """``.nii.gz``, except ``.nrrd`` for a one-slice 3D file ``(X, Y, 1)``: ITK's NIfTI reader (5.4) reads a
+    vector image whose third axis has one voxel with spacing 1 and an in-plane-only direction, which would
+    misplace an oblique slice; NRRD keeps the full 3D geometry (checked by reading back with ITK)."""
+    return ".nrrd" if (not pair.is_stack and len(pair.file_shape) >= 3) else ".nii.gz"
+
+
+# ------------------------------------------------------------------------------------------------ output
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a temporary file in the same folder (same extension),
+    which is then renamed over ``path`` (``os.replace``)."""
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, intent: str | None = None) -> None:
+    image = nib.Nifti1Image(array, affine)
+    if intent:
+        image.header.set_intent(intent)
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
+
+
+def dice_scores(pred: np.ndarray, target: np.ndarray) -> dict[int, float]:
+    """Dice per foreground label present in either map."""
+    scores = {}
+    for value in sorted((set(np.unique(pred).tolist()) | set(np.unique(target).tolist())) - {0}):
+        a, b = pred == value, target == value
+        denom = a.sum() + b.sum()
+        scores[int(value)] = float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+    return scores
+
+
+class PairRegistrationRunner:
+    """The ``evaluator`` of ``inference.yaml``: registers every case of ``dataset`` and writes the outputs and
+    ``summary.csv`` (see the module docstring). Construction is cheap; weights are loaded in :meth:`run`.
+
+    Args:
+        dataset: a :class:`PairDataset`.
+        network: the displacement network (``network_def`` on ``device``).
+        output_dir: folder for the outputs (created; must not be an input folder).
+        ckpt_path: flat state dict of ``network`` (``models/model.pt``); ``None`` keeps the current weights.
+        image_size: the network grid.
+        inferer, postprocessing: see :class:`PairRegistration`.
+        score_map: also write the scoring network's score map of the fixed image.
+        scoring_network, scoring_ckpt_path: the scoring network and its weights (used only with ``score_map``).
+        write_itk: also write the ITK displacement field.
+        exit_on_failure: raise ``SystemExit(1)`` at the end of :meth:`run` when a case failed.
+        progress: show a tqdm progress bar.
+    """
+
+    def __init__(
+        self,
+        dataset: PairDataset,
+        network: torch.nn.Module,
+        output_dir: str | os.PathLike,
+        ckpt_path: str | None = None,
+        image_size: Sequence[int] = (128, 128),
+        device: str | torch.device = "cpu",
+        inferer: Callable | None = None,
+        postprocessing: Callable | None = None,
+        score_map: bool = False,
+        scoring_network: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+        scoring_ckpt_path: str | None = None,
+        write_itk: bool = True,
+        exit_on_failure: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.dataset, self.network, self.output_dir = dataset, network, Path(output_dir)
+        self.ckpt_path, self.image_size, self.device = ckpt_path, tuple(image_size), torch.device(device)
+        self.inferer, self.postprocessing = inferer, postprocessing
+        self.score_map, self.scoring_network, self.scoring_ckpt_path = score_map, scoring_network, scoring_ckpt_path
+        self.write_itk, self.exit_on_failure, self.progress = write_itk, exit_on_failure, progress
+        self.rows: list[dict[str, Any]] = []
+
+    # -- setup
+    def _load_weights(self, network: torch.nn.Module, path: str | None, what: str) -> None:
+        if path is None:
+            return
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path}: {what} weights not found (train first, or set --ckpt_path).")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        network.load_state_dict(state)
+
+    def _check_output_dir(self) -> set[Path]:
+        inputs = {Path(v).resolve() for item in self.dataset.items for k, v in item.items()
+                  if k in ("moving", "fixed", "moving_label", "fixed_label")}
+        out = self.output_dir.resolve()
+        input_dirs = {p.parent for p in inputs}
+        if self.dataset.dataset_dir:
+            input_dirs.add(Path(self.dataset.dataset_dir).resolve())
+        if out in input_dirs:
+            raise SystemExit(f"error: output_dir {out} is an input folder; choose another folder (inputs are never overwritten).")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        return inputs
+
+    def build_registration(self) -> PairRegistration:
+        scoring = None
+        if self.score_map:
+            scoring = self.scoring_network() if callable(self.scoring_network) and not isinstance(
+                self.scoring_network, torch.nn.Module) else self.scoring_network
+            if scoring is None:
+                raise SystemExit("error: score_map needs scoring_network_def.")
+            scoring = scoring.to(self.device)
+            self._load_weights(scoring, self.scoring_ckpt_path, "scoring network")
+        self._load_weights(self.network, self.ckpt_path, "displacement network")
+        return PairRegistration(self.network, self.image_size, self.device, self.inferer, self.postprocessing, scoring)
+
+    # -- per case
+    def _register_case(self, registration: PairRegistration, pair: LoadedPair, inputs: set[Path]) -> dict[str, Any]:
+        moving = np.moveaxis(pair.moving, -1, 0) if pair.is_stack else pair.moving[None]
+        fixed = np.moveaxis(pair.fixed, -1, 0) if pair.is_stack else pair.fixed[None]
+        labels = None
+        if pair.moving_label is not None:
+            labels = np.moveaxis(pair.moving_label, -1, 0) if pair.is_stack else pair.moving_label[None]
+        classes = None
+        if pair.moving_label is not None:
+            classes = int(max(pair.moving_label.max(), pair.fixed_label.max() if pair.fixed_label is not None else 0)) + 1
+        result = registration(moving, fixed, labels, classes, score_map=self.score_map)
+
+        def native(t: torch.Tensor) -> np.ndarray:  # (S, 1, X, Y) -> the file's spatial layout
+            arr = t[:, 0].detach().cpu().numpy()
+            if pair.is_stack:
+                return np.moveaxis(arr, 0, -1)
+            return arr[0][:, :, None] if len(pair.file_shape) >= 3 else arr[0]
+
+        row: dict[str, Any] = {"shape": "x".join(map(str, pair.moving.shape))}
+        outputs: dict[str, Path] = {}
+        case = pair.case
+        ddf_vox = voxel_ddf_array(result.ddf, pair.is_stack, pair.file_shape)
+        outputs["ddf"] = self.output_dir / f"{case}_ddf.nii.gz"
+        if self.write_itk:
+            outputs["ddf_itk"] = self.output_dir / f"{case}_ddf_itk{itk_field_extension(pair)}"
+        outputs["warped"] = self.output_dir / f"{case}_warped.nii.gz"
+        warped_label = native(result.warped_label) if result.warped_label is not None else None
+        if warped_label is not None:
+            outputs["warped_gt"] = self.output_dir / f"{case}_warped_gt.nii.gz"
+        if result.score is not None:
+            outputs["score"] = self.output_dir / f"{case}_score.nii.gz"
+        clash = [str(p) for p in outputs.values() if p.resolve() in inputs]
+        if clash:
+            raise PairError(f"{clash[0]}: output would overwrite an input file; choose another output_dir")
+
+        field_image = None
+        if self.write_itk:
+            itk_ndim = 3 if len(pair.file_shape) >= 3 else 2
+            vox = ddf_vox if itk_ndim == ddf_vox.ndim - 1 else ddf_vox[:, :, None, :]
+            field_image = itk_displacement_field(vox, *itk_geometry(pair.files["moving"], itk_ndim))
+        try:  # a case that fails half-way leaves none of its outputs behind
+            _save_nifti(outputs["ddf"], ddf_vox, pair.affine, intent="vector")
+            if field_image is not None:
+                import itk
+
+                atomic_write(outputs["ddf_itk"], lambda tmp: itk.imwrite(field_image, tmp))
+            _save_nifti(outputs["warped"], native(result.warped).astype(np.float32), pair.affine)
+            if warped_label is not None:
+                _save_nifti(outputs["warped_gt"], warped_label.astype(np.int16), pair.affine)
+            if result.score is not None:
+                _save_nifti(outputs["score"], native(result.score).astype(np.float32), pair.affine)
+        except BaseException:
+            for path in outputs.values():
+                path.unlink(missing_ok=True)
+            raise
+
+        row["outputs"] = ";".join(p.name for p in outputs.values())
+        row["folding_pct"] = round(float(folding_percentage(result.ddf).mean()), 4)
+        if warped_label is not None and pair.fixed_label is not None:
+            moved = warped_label.reshape(pair.fixed_label.shape)
+            scores = dice_scores(moved, pair.fixed_label)
+            before = dice_scores(pair.moving_label, pair.fixed_label)
+            row["dice"] = round(float(np.mean(list(scores.values()))), 4) if scores else ""
+            row["dice_undeformed"] = round(float(np.mean(list(before.values()))), 4) if before else ""
+            row["dice_per_class"] = ";".join(f"{k}:{v:.4f}" for k, v in scores.items())
+            row["dice_undeformed_per_class"] = ";".join(f"{k}:{v:.4f}" for k, v in before.items())
+        return row
+
+    # -- driver
+    def run(self) -> list[dict[str, Any]]:
+        """Register every case; write outputs and ``summary.csv``; ``SystemExit(1)`` if any case failed."""
+        try:
+            num_cases = len(self.dataset)
+        except DatasetError as error:
+            raise SystemExit(f"error: {error}") from None
+        inputs = self._check_output_dir()
+        registration = self.build_registration()
+        self.rows = []
+        indices: Any = range(num_cases)
+        if self.progress:
+            from tqdm import tqdm
+
+            indices = tqdm(indices, desc="registering", unit="pair")
+        for index in indices:
+            item = self.dataset.items[index]
+            row: dict[str, Any] = {k: item.get(k, "") for k in ("case", "moving", "fixed", "moving_label", "fixed_label")}
+            start = time.perf_counter()
+            try:
+                pair = self.dataset[index]
+                for note in pair.notes:
+                    logger.warning(f"{pair.case}: {note}")
+                row.update(self._register_case(registration, pair, inputs))
+                row.update(status="ok", error="; ".join(pair.notes))
+            except (PairError, DatasetError) as error:
+                row.update(status="failed", error=str(error))
+                logger.error(f"case {item.get('case')}: {error}")
+            except Exception as error:  # an unexpected failure of one case must not stop the others
+                row.update(status="failed", error=f"{type(error).__name__}: {error}")
+                logger.exception(f"case {item.get('case')}: unexpected error")
+            row["time_s"] = round(time.perf_counter() - start, 4)
+            self.rows.append(row)
+        summary = self.output_dir / "summary.csv"
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                for r in self.rows:
+                    writer.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+
+        atomic_write(summary, write_csv)
+        failed = [r for r in self.rows if r["status"] != "ok"]
+        message = f"{len(self.rows) - len(failed)} of {len(self.rows)} pairs registered into {self.output_dir}"
+        if failed:
+            message += f"; FAILED: {', '.join(str(r['case']) for r in failed)} (see {summary})"
+        print(message)
+        if failed and self.exit_on_failure:
+            raise SystemExit(1)
+        return self.rows

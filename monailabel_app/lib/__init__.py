@@ -1,0 +1,1 @@
+"""AdaCS MONAI Label app library: the label-propagation infer task."""

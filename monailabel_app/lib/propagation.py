@@ -1,0 +1,109 @@
+"""MONAI Label infer task: propagate the ED label of a case onto its ES frame with the AdaCS bundle.
+
+Given the ES frame (the image of the infer request, id ``<case>_ES``), the task finds the ED frame of the same case
+in the datastore (image id ``<case>_ED``, or the request's ``moving`` parameter) and its final label, registers
+ED -> ES with the bundle's displacement network (``scripts.registration_io.PairRegistration``: any in-plane size,
+2D or 3D short-axis stack, the same engine as ``configs/inference.yaml``) and returns the ED label warped onto the
+ES frame (one-hot bilinear warp, argmax) as a NIfTI file in the ES image's geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple, Union
+
+import nibabel as nib
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+
+def _image_id(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+class LabelPropagationTask(InferTask):
+    """ED label -> ES frame by unsupervised registration (AdaCS displacement network).
+
+    Args:
+        datastore: callable returning the app's datastore (``app.datastore``).
+        model_path: flat state dict of the bundle's ``network_def`` (``bundle/models/model.pt``).
+        image_size: the network grid.
+        device: torch device.
+    """
+
+    def __init__(self, datastore: Callable[[], Datastore], model_path: str, image_size=(128, 128),
+                 device: str = "cpu", labels: Dict[str, int] | None = None) -> None:
+        super().__init__(
+            type=InferType.OTHERS,
+            labels=labels or {"label 1": 1, "label 2": 2, "label 3": 3},
+            dimension=2,
+            description="Propagate the ED label of the same case onto this ES frame (AdaCS registration)",
+            config={"moving": ""},
+        )
+        self.datastore, self.model_path = datastore, model_path
+        self.image_size, self.device = tuple(image_size), device
+        self._registration = None
+
+    def is_valid(self) -> bool:
+        return os.path.isfile(self.model_path)
+
+    def get_path(self, validate: bool = True):
+        return self.model_path
+
+    def _engine(self):
+        if self._registration is None:
+            from scripts.networks import DiffeomorphicVoxelMorph
+            from scripts.registration_io import PairRegistration
+
+            net = DiffeomorphicVoxelMorph()
+            net.load_state_dict(torch.load(self.model_path, map_location=self.device, weights_only=True))
+            self._registration = PairRegistration(net.to(self.device).eval(), self.image_size, self.device)
+        return self._registration
+
+    def _moving(self, request: Dict[str, Any]) -> Tuple[str, str, str]:
+        fixed_id = _image_id(request["image"])
+        moving_id = request.get("moving") or (fixed_id[:-3] + "_ED" if fixed_id.endswith("_ES") else "")
+        if not moving_id:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                      f"image '{fixed_id}' is not named <case>_ES; pass the ED image id as 'moving'")
+        store = self.datastore()
+        moving = store.get_image_uri(moving_id)
+        if not moving:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                      f"ED frame '{moving_id}' of '{fixed_id}' is not in the datastore")
+        label = store.get_label_uri(moving_id, DefaultLabelTag.FINAL.value)
+        if not label:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                      f"ED frame '{moving_id}' has no final label in the datastore to propagate")
+        return moving_id, moving, label
+
+    def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
+        from scripts.registration_io import PairError, load_pair
+
+        moving_id, moving, moving_label = self._moving(request)
+        try:
+            pair = load_pair({"case": moving_id, "moving": moving, "fixed": request["image"], "moving_label": moving_label})
+        except PairError as error:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(error)) from None
+        to_slices = (lambda a: np.moveaxis(a, -1, 0)) if pair.is_stack else (lambda a: a[None])
+        result = self._engine()(to_slices(pair.moving), to_slices(pair.fixed), to_slices(pair.moving_label),
+                                int(pair.moving_label.max()) + 1)
+        label = result.warped_label[:, 0].cpu().numpy().astype(np.uint8)
+        label = np.moveaxis(label, 0, -1) if pair.is_stack else label[0].reshape(pair.file_shape[:2] + (1,) * (len(pair.file_shape) - 2))
+        fixed_image = nib.load(request["image"])
+        handle, path = tempfile.mkstemp(suffix=".nii.gz", prefix="adacs_propagated_")
+        os.close(handle)
+        nib.save(nib.Nifti1Image(label.reshape(fixed_image.shape), fixed_image.affine), path)
+        from scripts.metrics import folding_percentage
+
+        return path, {"moving": moving_id, "moving_label": Path(moving_label).name,
+                      "folding_pct": float(folding_percentage(result.ddf).mean())}

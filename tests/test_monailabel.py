@@ -1,0 +1,109 @@
+"""The MONAI Label app (monailabel_app/): a real MONAI Label server on 127.0.0.1 with a tiny datastore; the
+``adacs_propagation`` infer endpoint must return the ED label propagated onto the ES frame, identical to the
+bundle's own registration engine.
+
+monailabel lives in a separate venv (it pins packages /work/venv must not change); see monailabel_app/README.md.
+Set ADACS_MONAILABEL_PYTHON to that venv's python (default /work/venv_ml/bin/python).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+from scripts.networks import DiffeomorphicVoxelMorph
+from scripts.registration_io import PairRegistration
+
+ML_PYTHON = os.environ.get("ADACS_MONAILABEL_PYTHON", "/work/venv_ml/bin/python")
+
+
+def _monailabel_python() -> str:
+    if not os.path.isfile(ML_PYTHON):
+        pytest.skip(f"{ML_PYTHON} does not exist: install monailabel in a separate venv (monailabel_app/README.md) "
+                    "or set ADACS_MONAILABEL_PYTHON")
+    probe = subprocess.run([ML_PYTHON, "-c", "import monailabel.app"], capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        pytest.skip(f"monailabel is not importable with {ML_PYTHON}: {probe.stderr.strip().splitlines()[-1:]}")
+    return ML_PYTHON
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(url: str, server: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"MONAI Label server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(2)
+    raise AssertionError(f"MONAI Label server not up after {timeout} s")
+
+
+@pytest.mark.slow  # starts a MONAI Label server (~1 min to import and start on a busy 2-core CPU)
+def test_label_propagation_through_monailabel_server(tmp_path: Path) -> None:
+    python = _monailabel_python()
+    source = tmp_path / "source"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_phantom_nifti.py"), "--out", str(source),
+                    "--num-pairs", "1", "--size", "112"], check=True, capture_output=True)
+    store = tmp_path / "datastore"
+    (store / "labels" / "final").mkdir(parents=True)
+    case = "phantom300000"
+    for phase in ("ED", "ES"):
+        shutil.copy(source / f"{case}_{phase}.nii.gz", store / f"{case}_{phase}.nii.gz")
+    shutil.copy(source / f"{case}_ED_gt.nii.gz", store / "labels" / "final" / f"{case}_ED.nii.gz")
+    torch.manual_seed(0)
+    net = DiffeomorphicVoxelMorph(head_init_std=1.0).eval()  # a visible deformation, not the identity
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [python, "-m", "monailabel.main", "start_server", "--app", str(REPO / "monailabel_app"), "--studies",
+         str(store), "--conf", "model_path", str(ckpt), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    try:
+        _wait(f"http://127.0.0.1:{port}/info/", server)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/infer/adacs_propagation?image={case}_ES&output=image", method="POST")
+        with urllib.request.urlopen(request, timeout=300) as response:
+            (tmp_path / "result.nii.gz").write_bytes(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    result = nib.load(str(tmp_path / "result.nii.gz"))
+    fixed = nib.load(str(store / f"{case}_ES.nii.gz"))
+    assert result.shape == fixed.shape
+    np.testing.assert_allclose(result.affine, fixed.affine)
+
+    moving = nib.load(str(source / f"{case}_ED.nii.gz")).get_fdata(dtype=np.float32)
+    moving_label = np.rint(nib.load(str(source / f"{case}_ED_gt.nii.gz")).get_fdata()).astype(np.int64)
+    expected = PairRegistration(net, (128, 128))(moving[None], fixed.get_fdata(dtype=np.float32)[None],
+                                                  moving_label[None], int(moving_label.max()) + 1)
+    expected_label = expected.warped_label[0, 0].numpy()
+    got = np.rint(result.get_fdata()).astype(np.int64)
+    assert not np.array_equal(expected_label, moving_label), "the test field must move the label"
+    assert np.mean(got == expected_label) > 0.999
