@@ -1,0 +1,135 @@
+"""scripts/compare_methods.py on a tiny synthetic prepared dataset: the table, per-slice rows, t-test, figures and
+the Elastix field convention."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load("compare_methods")
+common = _load("_prep_common")
+
+
+def _disc(size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
+    x, y = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    distance = np.hypot(x - centre[0], y - centre[1])
+    label = np.zeros((size, size), np.uint8)
+    label[distance < radius + 3] = 2
+    label[distance < radius] = 3
+    return label
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> Path:
+    """Six pairs, the ES ring shifted by a few pixels; one pair without myocardium in ES (dropped)."""
+    out = tmp_path / "prepared"
+    out.mkdir()
+    items = []
+    for i in range(6):
+        ed = _disc(32, (16, 16), 6)
+        es = _disc(32, (16 + (i % 3), 16 - 1), 5) if i != 5 else np.zeros((32, 32), np.uint8)
+        pair = common.PairSlices(f"p{i}_slice00", f"p{i}", ed / 3.0 + 0.1, es / 3.0 + 0.1, ed, es, None)
+        items.append(common.write_pair(pair, out))
+    content = {"training": [], "validation": [], "testing": items}
+    (out / "datalist.json").write_text(json.dumps(content))
+    return out
+
+
+def _networks(tmp_path: Path) -> tuple[str, str, str]:
+    from scripts.networks import DiffeomorphicVoxelMorph, ScoringNet, _head
+
+    torch.manual_seed(0)
+    paths = []
+    for name, net in (("vxm", DiffeomorphicVoxelMorph(int_steps=7, int_downsize=2, bidirectional=True)),
+                      ("adacs", DiffeomorphicVoxelMorph(int_steps=7, int_downsize=2, bidirectional=True)),
+                      ("score", ScoringNet())):
+        if name == "adacs":  # a visibly different field, so the two networks differ
+            torch.nn.init.normal_(_head(net.unet).weight, std=1e-2)
+        path = tmp_path / f"{name}.pt"
+        torch.save(net.state_dict(), path)
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def test_table_rows_ttest_and_figures(dataset: Path, tmp_path: Path):
+    vxm, adacs, score = _networks(tmp_path)
+    out = tmp_path / "cmp"
+    code = compare.main(["--dataset-dir", str(dataset), "--out", str(out), "--no-elastix", "--image-size", "32",
+                         "--vxm", vxm, "--adacs", adacs, "--adacs-scoring", score,
+                         "--vxm-train-time", "1 min", "--adacs-train-time", "2 min"])
+    assert code == 0
+    with (out / "results.csv").open() as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    assert list(table) == ["Undeformed", "VoxelMorph-MSE", "AdaCS"]
+    with (out / "per_slice.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    undeformed = [r for r in rows if r["method"] == "Undeformed"]
+    assert len(undeformed) == 6
+    # undeformed Dice of pair 0 by hand: ED and ES myocardium compared directly
+    ed, es = _disc(32, (16, 16), 6) == 2, _disc(32, (16, 15), 5) == 2
+    expected = 100 * 2 * (ed & es).sum() / (ed.sum() + es.sum())
+    assert float(undeformed[0]["dice"]) == pytest.approx(expected, rel=1e-5)
+    assert math.isnan(float(undeformed[5]["dice"]))  # empty ES myocardium: dropped
+    assert table["Undeformed"]["n_slices"] == "5" and table["Undeformed"]["dropped_slices"] == "1"
+    dices = [float(r["dice"]) for r in undeformed[:5]]
+    assert float(table["Undeformed"]["dice_mean"]) == pytest.approx(np.mean(dices), rel=1e-6)
+    assert float(table["Undeformed"]["dice_std"]) == pytest.approx(np.std(dices, ddof=1), rel=1e-6)
+    assert table["AdaCS"]["training_time"] == "2 min"
+    assert "p_vs_VoxelMorph-MSE" in table["AdaCS"]
+    markdown = (out / "results.md").read_text()
+    assert "| AdaCS |" in markdown and "Elastix" not in markdown
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "dice_distribution.png").stat().st_size > 0
+        assert (out / "examples.png").stat().st_size > 0
+
+
+def test_summarise_ttest_uses_common_valid_slices():
+    from scipy import stats
+
+    rows = []
+    for method, values in (("VoxelMorph-MSE", [70, 72, 75, math.nan, 71]), ("AdaCS", [72, 73, 78, 80, math.nan])):
+        for i, v in enumerate(values):
+            rows.append({"method": method, "case": f"c{i}", "patient": "p", "dice": v, "hd": 1.0, "asd": 1.0, "folding": 0.0, "seconds": 0.1})
+    table = {e["method"]: e for e in compare.summarise(rows, {})}
+    assert table["AdaCS"]["p_vs_VoxelMorph-MSE"] == pytest.approx(stats.ttest_rel([72, 73, 78], [70, 72, 75]).pvalue)
+    assert table["AdaCS"]["n_paired"] == 3
+    assert table["VoxelMorph-MSE"]["n_slices"] == 4
+
+
+def test_elastix_field_is_in_the_bundle_convention():
+    itk = pytest.importorskip("itk")
+    if not hasattr(itk, "elastix_registration_method"):
+        pytest.skip("itk-elastix is not installed")
+    from scripts.evaluator import warp_labels
+
+    moving = _disc(48, (24, 24), 8).astype(np.float32)
+    fixed = _disc(48, (27, 22), 8).astype(np.float32)  # shifted +3 rows, -2 columns
+    ddf = compare.elastix_ddf(moving / 3, fixed / 3)
+    assert ddf.shape == (2, 48, 48)
+    inside = fixed == 3
+    # pull convention: the fixed cavity samples the moving image 3 rows up and 2 columns right
+    assert np.median(ddf[0][inside]) == pytest.approx(-3, abs=0.7)
+    assert np.median(ddf[1][inside]) == pytest.approx(2, abs=0.7)
+    warped = warp_labels(torch.as_tensor(moving == 2).long()[None, None], torch.as_tensor(ddf)[None], 2, "binary_bilinear")
+    before = 2 * ((moving == 2) & (fixed == 2)).sum() / ((moving == 2).sum() + (fixed == 2).sum())
+    after = 2 * (warped[0, 1].numpy().astype(bool) & (fixed == 2)).sum() / (warped[0, 1].sum().item() + (fixed == 2).sum())
+    assert after > before + 0.2
