@@ -31,6 +31,8 @@ import argparse
 import csv
 import math
 import sys
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -111,7 +113,13 @@ def elastix_ddf(moving: np.ndarray, fixed: np.ndarray, threads: int = 1) -> np.n
     _, transform = itk.elastix_registration_method(
         fixed_image, moving_image, parameter_object=parameters, number_of_threads=threads, log_to_console=False
     )
-    field = itk.array_from_image(itk.transformix_deformation_field(moving_image, transform))  # (H, W, 2): x=col, y=row
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:  # transformix writes deformationField.nii into the cwd
+        os.chdir(scratch)
+        try:
+            field = itk.array_from_image(itk.transformix_deformation_field(moving_image, transform))  # (H, W, 2): x, y
+        finally:
+            os.chdir(cwd)
     return np.stack([field[..., 1], field[..., 0]]).astype(np.float32)
 
 
