@@ -40,3 +40,25 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: real-data tests need ../shared/data next to the repository")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine run several times faster on one thread."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def load_repo_script(name: str):
+    """Import a top-level ``scripts/<name>.py`` tool (run as files, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -14,15 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_repo_script  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_repo_script
 
 
 compare = _load("compare_methods")

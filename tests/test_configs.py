@@ -32,12 +32,7 @@ MULTI_GPU = str(CONFIGS / "multi_gpu_train.yaml")
 TINY = {"image_size": [32, 32], "num_train_pairs": 4, "num_val_pairs": 2, "epoch_length": 2, "batch_size": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli_env() -> dict[str, str]:

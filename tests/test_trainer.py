@@ -31,13 +31,7 @@ WARP = Warp(mode="bilinear", padding_mode="zeros")
 MSE = torch.nn.MSELoss(reduction="none")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared 2-core machine run several times faster on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- building blocks ---------------------------------------------------------------------------------------
