@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/phantom_compare")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--epoch-length", type=int, default=100)
-    parser.add_argument("--motion-warmup", type=int, default=2)
+    parser.add_argument("--motion-warmup", type=int, default=6)
     parser.add_argument("--scoring-warmup", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mode", default="mixed")
