@@ -61,7 +61,8 @@ def test_copied_bundle_train_evaluate_infer(bundle_copy: Path, tmp_path: Path) -
     assert Path(scripts.__file__).resolve().parent == (bundle_copy / "scripts").resolve()
 
     _zoo_run(_workflow(bundle_copy, ["train.yaml"], "train", **TINY))
-    assert (bundle_copy / "models" / "model.pt").is_file()
+    trained = bundle_copy / "models" / "phantom" / "model.pt"  # phantom runs never overwrite models/model.pt
+    assert trained.is_file()
 
     # the zoo's own unit tests run the evaluate override with workflow_type "train" (it overrides train.yaml)
     _zoo_run(_workflow(bundle_copy, ["train.yaml", "evaluate.yaml"], "train", **TINY, num_test_pairs=2))
@@ -72,7 +73,7 @@ def test_copied_bundle_train_evaluate_infer(bundle_copy: Path, tmp_path: Path) -
                     "--num-pairs", "2", "--size", "80"], check=True, capture_output=True)
     out = tmp_path / "inference"
     _zoo_run(_workflow(bundle_copy, ["inference.yaml"], "infer", dataset_dir=str(pairs), output_dir=str(out),
-                       image_size=[64, 64], progress=False))
+                       image_size=[64, 64], progress=False, ckpt_path=str(trained)))
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["status"] for r in rows] == ["ok", "ok"]
