@@ -183,7 +183,8 @@ def cli_training(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     ckpt, out = root / "models", root / "eval"
     result = run_cli(
-        "training", "--config_file", "configs/train.yaml", *CLI_TRAIN, "--ckpt_dir", str(ckpt), "--output_dir", str(out)
+        "training", "--config_file", "configs/train.yaml", *CLI_TRAIN, "--ckpt_dir", str(ckpt), "--output_dir", str(out),
+        "--keep_checkpoints", "null",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, result
@@ -207,7 +208,8 @@ def test_cli_training_writes_the_bundle_outputs(cli_training):
     }
     assert checkpoint["trainer"]["iteration"] == 8 and checkpoint["trainer"]["epoch_length"] == 4
     assert "momentum" in checkpoint["trainer"]["smoothness_weight_state"]
-    assert list(ckpt.glob("checkpoint_epoch=*.pt"))
+    # --keep_checkpoints null keeps every epoch's checkpoint (the default keeps the last one)
+    assert sorted(p.name for p in ckpt.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
     # TensorBoard: the per-iteration loss terms and the validation metrics
     events = list(out.glob("events.out.tfevents.*"))
     assert events
