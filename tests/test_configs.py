@@ -103,6 +103,17 @@ def test_train_workflow_properties(tmp_path, files):
     assert workflow.max_epochs == workflow.parser.get_parsed_content("epochs")
 
 
+@pytest.mark.parametrize("overrides, expected", [({}, (1e-3, 1e-3)), ({"scoring_learning_rate": 1e-4}, (1e-3, 1e-4))])
+def test_each_network_has_its_own_learning_rate(overrides, expected):
+    """scoring_learning_rate follows learning_rate unless set (1e-3 saturates the scoring sigmoid on real data)."""
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update(overrides)
+    parser.parse()
+    lrs = tuple(parser.get_parsed_content(name).param_groups[0]["lr"] for name in ("optimizer", "scoring_optimizer"))
+    assert lrs == expected
+
+
 @pytest.fixture(scope="module")
 def phantom_nifti(tmp_path_factory) -> Path:
     """Phantom pairs written as NIfTI files by the repository's tool (its main, in this process)."""
