@@ -114,6 +114,27 @@ def test_each_network_has_its_own_learning_rate(overrides, expected):
     assert lrs == expected
 
 
+def initial_weights_and_pair_order(seed: int) -> tuple[torch.Tensor, list[int]]:
+    """The displacement network's first weights and the first epoch's pair indices, built as the workflow does."""
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, "num_train_pairs": 16, "epoch_length": 8, "seed": seed})
+    parser.parse()
+    parser.get_parsed_content("initialize#0")  # set_determinism, the workflow's first step
+    weights = next(parser.get_parsed_content("network").parameters()).detach().clone()
+    return weights, list(parser.get_parsed_content("train#sampler"))
+
+
+def test_seed_sets_the_initial_weights_and_the_pair_order():
+    """Same seed: the same run; another seed: other weights and another pair order (for seed spreads)."""
+    weights_0, pairs_0 = initial_weights_and_pair_order(0)
+    weights_0_again, pairs_0_again = initial_weights_and_pair_order(0)
+    weights_1, pairs_1 = initial_weights_and_pair_order(1)
+    assert torch.equal(weights_0, weights_0_again) and pairs_0 == pairs_0_again
+    assert not torch.equal(weights_0, weights_1)
+    assert pairs_0 != pairs_1
+
+
 @pytest.fixture(scope="module")
 def phantom_nifti(tmp_path_factory) -> Path:
     """Phantom pairs written as NIfTI files by the repository's tool (its main, in this process)."""
