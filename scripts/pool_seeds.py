@@ -1,0 +1,123 @@
+"""Pool several seeds of ``scripts/compare_methods.py``: per-seed and seed-mean table, and a seed-averaged t-test.
+
+    python scripts/pool_seeds.py RUN_DIR [RUN_DIR ...] [--reference VoxelMorph-MSE] [--candidate AdaCS] [--out F.md]
+
+Each RUN_DIR is one ``compare_methods.py`` output folder (same dataset and split, one training seed); only its
+``per_slice.csv`` is read. For every method: the per-seed mean of each metric over valid slices and the mean of
+those over seeds. For the candidate against the reference: the per-seed Dice difference and paired t-test (as in
+each ``results.md``) and one paired t-test of the per-slice Dice averaged over the seeds (each slice counts once,
+so the test is not inflated by counting the same slices once per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+METRICS = ("dice", "hd", "asd", "folding")
+
+
+def read_per_slice(run_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {case: {metric: value}}}`` from ``run_dir/per_slice.csv`` (NaN = dropped slice)."""
+    path = Path(run_dir) / "per_slice.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected a scripts/compare_methods.py output folder)")
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"method", "case", *METRICS} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+        for row in reader:
+            runs.setdefault(row["method"], {})[row["case"]] = {m: float(row[m]) for m in METRICS}
+    return runs
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def paired(candidate: dict[str, float], reference: dict[str, float]) -> tuple[float, float, int]:
+    """Mean Dice difference, paired t-test p and n over the cases finite in both."""
+    cases = sorted(c for c in set(candidate) & set(reference) if math.isfinite(candidate[c]) and math.isfinite(reference[c]))
+    if len(cases) < 2:
+        return math.nan, math.nan, len(cases)
+    a, b = np.array([candidate[c] for c in cases]), np.array([reference[c] for c in cases])
+    return float((a - b).mean()), float(stats.ttest_rel(a, b).pvalue), len(cases)
+
+
+def seed_averaged_dice(runs: list[dict], method: str) -> dict[str, float]:
+    """Per-slice Dice averaged over the seeds that have the method (a slice dropped in any seed stays NaN)."""
+    per_seed = [run[method] for run in runs if method in run]
+    cases = set.intersection(*(set(p) for p in per_seed))
+    return {c: float(np.mean([p[c]["dice"] for p in per_seed])) for c in cases}
+
+
+def pool(runs: list[dict], reference: str, candidate: str) -> dict:
+    """Per-seed and seed-mean metrics per method, and the candidate-vs-reference tests."""
+    methods = list(dict.fromkeys(m for run in runs for m in run))
+    table = []
+    for method in methods:
+        seeds = [run[method] for run in runs if method in run]
+        per_seed = {m: [_finite_mean([case[m] for case in s.values()]) for s in seeds] for m in METRICS}
+        table.append({"method": method, "seeds": len(seeds), "per_seed_dice": per_seed["dice"],
+                      **{f"{m}_mean": float(np.mean(v)) for m, v in per_seed.items()},
+                      "dice_seed_std": float(np.std(per_seed["dice"], ddof=1)) if len(seeds) > 1 else 0.0})
+    tests = {}
+    if reference in methods and candidate in methods:
+        both = [run for run in runs if reference in run and candidate in run]
+        tests["per_seed"] = [paired(*({c: v["dice"] for c, v in run[m].items()} for m in (candidate, reference))) for run in both]
+        tests["seed_averaged"] = paired(seed_averaged_dice(both, candidate), seed_averaged_dice(both, reference))
+    return {"table": table, "tests": tests, "reference": reference, "candidate": candidate}
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
+    lines = [f"Seeds pooled: {len(run_dirs)} ({', '.join(run_dirs)})", "",
+             "| Method | Dice per seed (%) | Dice, mean of seeds (%) | std over seeds | HD (px) | ASD (px) | Folding (%) |",
+             "|---|---|---|---|---|---|---|"]
+    for e in pooled["table"]:
+        lines.append(f"| {e['method']} | {' / '.join(_fmt(d) for d in e['per_seed_dice'])} | {_fmt(e['dice_mean'])} | "
+                     f"{_fmt(e['dice_seed_std'])} | {_fmt(e['hd_mean'])} | {_fmt(e['asd_mean'])} | {_fmt(e['folding_mean'], 3)} |")
+    tests = pooled["tests"]
+    if tests:
+        name = f"{pooled['candidate']} - {pooled['reference']}"
+        lines += ["", f"| {name} (Dice) | mean difference | paired t-test p | slices |", "|---|---|---|---|"]
+        for seed, (diff, p, n) in enumerate(tests["per_seed"]):
+            lines.append(f"| run {seed + 1} | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
+        diff, p, n = tests["seed_averaged"]
+        lines.append(f"| per-slice Dice averaged over the runs | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="compare_methods.py output folders, one per seed")
+    parser.add_argument("--reference", default="VoxelMorph-MSE")
+    parser.add_argument("--candidate", default="AdaCS")
+    parser.add_argument("--out", help="also write the Markdown here")
+    args = parser.parse_args(argv)
+    try:
+        runs = [read_per_slice(Path(d)) for d in args.run_dirs]
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    text = to_markdown(pool(runs, args.reference, args.candidate), args.run_dirs)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""scripts/pool_seeds.py: pooling compare_methods.py outputs of several training seeds."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import load_repo_script
+
+pool_seeds = load_repo_script("pool_seeds")
+
+CASES = [f"slice{i}" for i in range(6)]
+
+
+def write_run(folder, dice_by_method: dict[str, list[float]]) -> str:
+    """A compare_methods.py-like folder whose per_slice.csv has the given Dice per case (HD = 2 x Dice / 100)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "per_slice.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "case", "dice", "hd", "asd", "folding"])
+        for method, dice in dice_by_method.items():
+            for case, value in zip(CASES, dice):
+                writer.writerow([method, case, value, 2 * value / 100, 1.0, 0.0])
+    return str(folder)
+
+
+@pytest.fixture
+def two_seeds(tmp_path):
+    rng = np.random.default_rng(0)
+    seed_runs = []
+    for seed in range(2):
+        vxm = rng.uniform(70, 90, len(CASES))
+        adacs = vxm + rng.normal(0.5, 0.3, len(CASES))
+        seed_runs.append({"VoxelMorph-MSE": vxm, "AdaCS": adacs})
+    dirs = [write_run(tmp_path / f"seed{s}", {m: list(v) for m, v in r.items()}) for s, r in enumerate(seed_runs)]
+    return dirs, seed_runs
+
+
+def test_per_seed_and_pooled_means_and_tests_match_a_direct_computation(two_seeds):
+    dirs, seed_runs = two_seeds
+    pooled = pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS")
+    rows = {row["method"]: row for row in pooled["table"]}
+    for method in ("VoxelMorph-MSE", "AdaCS"):
+        per_seed = [float(np.mean(r[method])) for r in seed_runs]
+        assert rows[method]["per_seed_dice"] == pytest.approx(per_seed)
+        assert rows[method]["dice_mean"] == pytest.approx(np.mean(per_seed))
+        assert rows[method]["dice_seed_std"] == pytest.approx(np.std(per_seed, ddof=1))
+        assert rows[method]["hd_mean"] == pytest.approx(2 * np.mean(per_seed) / 100)
+
+    for (diff, p, n), run in zip(pooled["tests"]["per_seed"], seed_runs):
+        assert n == len(CASES)
+        assert diff == pytest.approx(np.mean(run["AdaCS"] - run["VoxelMorph-MSE"]))
+        assert p == pytest.approx(stats.ttest_rel(run["AdaCS"], run["VoxelMorph-MSE"]).pvalue)
+
+    averaged = {m: np.mean([r[m] for r in seed_runs], axis=0) for m in ("AdaCS", "VoxelMorph-MSE")}
+    diff, p, n = pooled["tests"]["seed_averaged"]
+    assert n == len(CASES)  # each slice counted once, not once per seed
+    assert diff == pytest.approx(np.mean(averaged["AdaCS"] - averaged["VoxelMorph-MSE"]))
+    assert p == pytest.approx(stats.ttest_rel(averaged["AdaCS"], averaged["VoxelMorph-MSE"]).pvalue)
+
+
+def test_a_slice_dropped_in_any_seed_is_left_out_of_the_seed_averaged_test(tmp_path):
+    base = [80.0, 82.0, 75.0, 90.0, 70.0, 85.0]
+    better = [v + d for v, d in zip(base, [1.0, 0.5, 2.0, 0.2, 1.5, 0.7])]
+    dropped = [math.nan] + better[1:]
+    dirs = [write_run(tmp_path / "a", {"VoxelMorph-MSE": base, "AdaCS": better}),
+            write_run(tmp_path / "b", {"VoxelMorph-MSE": base, "AdaCS": dropped})]
+    pooled = pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS")
+    assert pooled["tests"]["per_seed"][0][2] == 6
+    assert pooled["tests"]["per_seed"][1][2] == 5
+    assert pooled["tests"]["seed_averaged"][2] == 5
+    adacs = {row["method"]: row for row in pooled["table"]}["AdaCS"]
+    assert adacs["per_seed_dice"][1] == pytest.approx(np.mean(better[1:]))  # NaN = dropped, not zero
+
+
+def test_the_command_prints_and_writes_the_markdown_table(two_seeds, tmp_path, capsys):
+    dirs, _ = two_seeds
+    out = tmp_path / "pooled.md"
+    assert pool_seeds.main([*dirs, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text()
+    assert "| AdaCS |" in printed and "| VoxelMorph-MSE |" in printed
+    assert "per-slice Dice averaged over the runs" in printed
+
+
+def test_a_folder_without_per_slice_csv_is_named_in_the_error(tmp_path, capsys):
+    missing = tmp_path / "not_a_run"
+    missing.mkdir()
+    assert pool_seeds.main([str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing / "per_slice.csv") in err and "not found" in err
+
+
+def test_a_csv_missing_a_metric_column_is_named_in_the_error(tmp_path, capsys):
+    folder = tmp_path / "old_run"
+    folder.mkdir()
+    (folder / "per_slice.csv").write_text("method,case,dice\nAdaCS,s0,80\n")
+    assert pool_seeds.main([str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "per_slice.csv" in err and "'asd'" in err and "'hd'" in err
