@@ -1,0 +1,165 @@
+"""scripts/run_experiment.py: the commands are the documented recipe, a tiny two-seed experiment runs end to end
+(train, branch, compare, pool) and resumes without retraining, a failed seed is reported while the others finish."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BUNDLE, REPO, load_repo_script
+
+experiment = load_repo_script("run_experiment")
+common = load_repo_script("_prep_common")
+
+
+def _disc(size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
+    x, y = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    label = np.zeros((size, size), np.uint8)
+    label[np.hypot(x - centre[0], y - centre[1]) < radius + 3] = 2
+    label[np.hypot(x - centre[0], y - centre[1]) < radius] = 3
+    return label
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path) -> Path:
+    """A prepared folder in the layout of scripts/prepare_*.py: 4 training, 2 validation, 3 test pairs of 32 x 32."""
+    out = tmp_path / "prepared"
+    out.mkdir()
+    content: dict[str, list] = {"training": [], "validation": [], "testing": []}
+    sections = ["training"] * 4 + ["validation"] * 2 + ["testing"] * 3
+    for i, section in enumerate(sections):
+        ed = _disc(32, (16, 16), 6)
+        es = _disc(32, (16 + i % 3, 15), 5)
+        pair = common.PairSlices(f"p{i}_slice00", f"p{i}", ed / 3.0 + 0.1, es / 3.0 + 0.1, ed, es, None)
+        content[section].append(common.write_pair(pair, out))
+    (out / "datalist.json").write_text(json.dumps(content))
+    return out
+
+
+def _args(prepared: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(out), *extra]
+
+
+def _options(command: list[str]) -> dict[str, str]:
+    """``--key value`` pairs of a command line."""
+    return {command[i][2:]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
+
+
+def _documented_steps(dataset: str) -> list[dict[str, str]]:
+    """The CPU-recipe commands written in the header comment of configs/<dataset>.yaml (lines joined at '\\')."""
+    lines = [line.lstrip("#").strip() for line in (BUNDLE / "configs" / f"{dataset}.yaml").read_text().splitlines()
+             if line.startswith("#")]
+    steps, current = [], None
+    for line in lines:
+        if current is None and line.startswith("OMP_NUM_THREADS=1 python -m monai.bundle run"):
+            current = ""
+        if current is not None:
+            current += " " + line.rstrip("\\")
+            if not line.endswith("\\"):
+                steps.append(_options(shlex.split(current)))
+                current = None
+    return steps
+
+
+@pytest.mark.parametrize("dataset, alpha", [("acdc", "0.01"), ("camus", "0.04")])
+def test_cpu_schedule_is_the_documented_recipe(prepared: Path, tmp_path: Path, dataset: str, alpha: str):
+    parser_args = _args(prepared, tmp_path / "exp")
+    parser_args[1] = dataset
+    args = experiment.parse_args(parser_args)
+    plan = experiment.make_plan(args)
+    vxm_dir, adacs_dir = tmp_path / "vxm", tmp_path / "adacs"
+    generated = [_options(experiment.baseline_command(plan, vxm_dir, 3)),
+                 _options(experiment.adacs_command(plan, adacs_dir, 3, vxm_dir))]
+    documented = _documented_steps(dataset)
+    assert len(documented) == 2, documented
+    for doc, gen in zip(documented, generated):
+        for key, value in doc.items():
+            if "<" in value:  # placeholders such as <vxm>/models
+                continue
+            assert key in gen and float_or_str(gen[key]) == float_or_str(value), (key, value, gen.get(key))
+    assert generated[1]["resume_checkpoint"].endswith("vxm/models/checkpoint_epoch=20.pt")
+    assert generated[1]["alpha"] == alpha and generated[0]["seed"] == generated[1]["seed"] == "3"
+
+
+def float_or_str(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def test_paper_schedule_gives_equal_displacement_epochs(prepared: Path, tmp_path: Path):
+    plan = experiment.make_plan(experiment.parse_args(_args(prepared, tmp_path / "exp", "--schedule", "paper")))
+    vxm = _options(experiment.baseline_command(plan, tmp_path / "v", 0))
+    adacs = _options(experiment.adacs_command(plan, tmp_path / "a", 0, tmp_path / "v"))
+    assert vxm["epochs"] == vxm["motion_warmup_epochs"] == "320"  # 20 warm-up + 300 joint displacement epochs
+    assert (adacs["epochs"], adacs["motion_warmup_epochs"], adacs["scoring_warmup_epochs"]) == ("340", "20", "20")
+    assert float(vxm["learning_rate"]) == float(adacs["learning_rate"]) == 1e-4
+    assert "alpha" not in adacs  # the dataset config's (paper) value
+
+
+def test_unprepared_folder_is_named(tmp_path: Path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(SystemExit, match=r"raw has no datalist\.json: prepare it with scripts/prepare_acdc\.py"):
+        experiment.main(_args(tmp_path / "raw", tmp_path / "exp"))
+
+
+def test_a_failed_seed_is_reported_and_the_others_finish(prepared: Path, tmp_path: Path, monkeypatch, capsys):
+    def fake_train_seed(plan, out, seed):
+        if seed == 1:
+            raise experiment.RunFailed(f"exit code 1: see {out}/seed1/vxm/train.log")
+        return "1 min CPU", "2 min CPU"
+
+    compared = []
+
+    def fake_compare(args, out, seed, times, cache):
+        compared.append(seed)
+        table = out / f"seed{seed}" / "table"
+        table.mkdir(parents=True)
+        (table / "results.md").write_text("table\n")
+        return table
+
+    monkeypatch.setattr(experiment, "train_seed", fake_train_seed)
+    monkeypatch.setattr(experiment, "compare_seed", fake_compare)
+    code = experiment.main(_args(prepared, tmp_path / "exp", "--seeds", "0", "1", "2"))
+    assert code == 1 and compared == [0, 2]
+    assert "seed 1 failed: exit code 1: see" in capsys.readouterr().err
+
+
+def test_tiny_two_seed_experiment_end_to_end_and_resume(prepared: Path, tmp_path: Path):
+    pytest.importorskip("scipy")
+    out = tmp_path / "exp"
+    argv = _args(prepared, out, "--seeds", "0", "1", "--jobs", "2", "--motion-warmup", "1", "--scoring-warmup", "1",
+                 "--joint", "1", "--image-size", "32", "--no-figures", "--no-elastix",
+                 "--bundle-arg", "epoch_length=2", "--bundle-arg", "batch_size=2", "--bundle-arg", "image_size=[32,32]")
+    assert experiment.main(argv) == 0, [p.read_text()[-3000:] for p in out.glob("seed*/*/train.log")]
+    for seed in (0, 1):
+        vxm, adacs, table = (out / f"seed{seed}" / name for name in ("vxm", "adacs", "table"))
+        assert (vxm / "models" / "checkpoint_epoch=1.pt").is_file()  # the branch point
+        assert "seconds_to_branch_checkpoint" in json.loads((vxm / "timing.json").read_text())
+        assert (adacs / "models" / "model.pt").is_file() and (adacs / "models" / "scoring_model.pt").is_file()
+        assert "checkpoint_epoch=1.pt" in (adacs / "cmd.sh").read_text()
+        results = (table / "results.md").read_text()
+        for method in ("Undeformed", "VoxelMorph-MSE", "AdaCS"):
+            assert f"| {method} |" in results
+        assert "(2 epochs)" in results and "(2 motion + 2 scoring epochs)" in results
+    assert "seed" in (out / "pooled.md").read_text()
+    # resume: nothing is retrained, the tables are rebuilt from the same models
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/train.log")}
+    assert len(logs) == 4
+    assert experiment.main(argv) == 0
+    assert logs == {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/train.log")}
+
+
+def test_script_runs_as_a_file():
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_experiment.py"), "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "--schedule" in result.stdout
