@@ -73,7 +73,7 @@ class RunFailed(RuntimeError):
 def _bundle_command(plan: Plan, run_dir: Path, seed: int, *args: str) -> list[str]:
     configs = f"['configs/train.yaml','{plan.dataset_config}']"
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
-            "--dataset_dir", str(plan.dataset_dir.resolve()), "--ckpt_dir", str((run_dir / "models").resolve()),
+            "--dataset_dir", str(plan.dataset_dir), "--ckpt_dir", str((run_dir / "models").resolve()),
             "--output_dir", str((run_dir / "eval").resolve()), "--learning_rate", str(plan.lr),
             "--scoring_learning_rate", str(plan.scoring_lr), "--seed", str(seed), *args, *plan.extra]
 
@@ -196,10 +196,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     dataset_config = args.dataset_config or f"configs/{args.dataset}.yaml"
     if not (args.bundle / dataset_config).is_file():
         raise SystemExit(f"error: {args.bundle / dataset_config} does not exist")
-    if not (Path(args.dataset_dir) / "datalist.json").is_file():
+    if not (args.dataset_dir / "datalist.json").is_file():
         raise SystemExit(f"error: {args.dataset_dir} has no datalist.json: prepare it with scripts/prepare_{args.dataset}.py")
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else schedule[name]  # noqa: E731
-    return Plan(bundle=args.bundle, dataset_config=dataset_config, dataset_dir=Path(args.dataset_dir),
+    return Plan(bundle=args.bundle, dataset_config=dataset_config, dataset_dir=args.dataset_dir,
                 motion_warmup=pick("motion_warmup"), scoring_warmup=pick("scoring_warmup"), joint=pick("joint"),
                 lr=pick("lr"), scoring_lr=pick("scoring_lr"), alpha=alpha, extra=extra, threads=args.threads,
                 force=args.force)

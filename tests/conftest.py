@@ -62,3 +62,15 @@ def load_repo_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def ring_label(size: int, centre: tuple[float, float], radius: float):
+    """A square label map: a myocardium ring (label 2, 3 px wide) around a blood pool disc (label 3), uint8."""
+    import numpy as np
+
+    x, y = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    distance = np.hypot(x - centre[0], y - centre[1])
+    label = np.zeros((size, size), np.uint8)
+    label[distance < radius + 3] = 2
+    label[distance < radius] = 3
+    return label

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_repo_script  # noqa: E402
+from conftest import load_repo_script, ring_label  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,15 +26,6 @@ compare = _load("compare_methods")
 common = _load("_prep_common")
 
 
-def _disc(size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
-    x, y = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-    distance = np.hypot(x - centre[0], y - centre[1])
-    label = np.zeros((size, size), np.uint8)
-    label[distance < radius + 3] = 2
-    label[distance < radius] = 3
-    return label
-
-
 @pytest.fixture()
 def dataset(tmp_path: Path) -> Path:
     """Six pairs, the ES ring shifted by a few pixels; one pair without myocardium in ES (dropped)."""
@@ -42,8 +33,8 @@ def dataset(tmp_path: Path) -> Path:
     out.mkdir()
     items = []
     for i in range(6):
-        ed = _disc(32, (16, 16), 6)
-        es = _disc(32, (16 + (i % 3), 16 - 1), 5) if i != 5 else np.zeros((32, 32), np.uint8)
+        ed = ring_label(32, (16, 16), 6)
+        es = ring_label(32, (16 + (i % 3), 16 - 1), 5) if i != 5 else np.zeros((32, 32), np.uint8)
         pair = common.PairSlices(f"p{i}_slice00", f"p{i}", ed / 3.0 + 0.1, es / 3.0 + 0.1, ed, es, None)
         items.append(common.write_pair(pair, out))
     content = {"training": [], "validation": [], "testing": items}
@@ -82,7 +73,7 @@ def test_table_rows_ttest_and_figures(dataset: Path, tmp_path: Path):
     undeformed = [r for r in rows if r["method"] == "Undeformed"]
     assert len(undeformed) == 6
     # undeformed Dice of pair 0 by hand: ED and ES myocardium compared directly
-    ed, es = _disc(32, (16, 16), 6) == 2, _disc(32, (16, 15), 5) == 2
+    ed, es = ring_label(32, (16, 16), 6) == 2, ring_label(32, (16, 15), 5) == 2
     expected = 100 * 2 * (ed & es).sum() / (ed.sum() + es.sum())
     assert float(undeformed[0]["dice"]) == pytest.approx(expected, rel=1e-5)
     assert math.isnan(float(undeformed[5]["dice"]))  # empty ES myocardium: dropped
@@ -118,8 +109,8 @@ def test_elastix_field_is_in_the_bundle_convention():
         pytest.skip("itk-elastix is not installed")
     from scripts.evaluator import warp_labels
 
-    moving = _disc(48, (24, 24), 8).astype(np.float32)
-    fixed = _disc(48, (27, 22), 8).astype(np.float32)  # shifted +3 rows, -2 columns
+    moving = ring_label(48, (24, 24), 8).astype(np.float32)
+    fixed = ring_label(48, (27, 22), 8).astype(np.float32)  # shifted +3 rows, -2 columns
     ddf = compare.elastix_ddf(moving / 3, fixed / 3)
     assert ddf.shape == (2, 48, 48)
     inside = fixed == 3

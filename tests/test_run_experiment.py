@@ -4,26 +4,16 @@
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import BUNDLE, REPO, load_repo_script
+from conftest import BUNDLE, REPO, load_repo_script, ring_label
 
 experiment = load_repo_script("run_experiment")
 common = load_repo_script("_prep_common")
-
-
-def _disc(size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
-    x, y = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-    label = np.zeros((size, size), np.uint8)
-    label[np.hypot(x - centre[0], y - centre[1]) < radius + 3] = 2
-    label[np.hypot(x - centre[0], y - centre[1]) < radius] = 3
-    return label
 
 
 @pytest.fixture()
@@ -34,8 +24,8 @@ def prepared(tmp_path: Path) -> Path:
     content: dict[str, list] = {"training": [], "validation": [], "testing": []}
     sections = ["training"] * 4 + ["validation"] * 2 + ["testing"] * 3
     for i, section in enumerate(sections):
-        ed = _disc(32, (16, 16), 6)
-        es = _disc(32, (16 + i % 3, 15), 5)
+        ed = ring_label(32, (16, 16), 6)
+        es = ring_label(32, (16 + i % 3, 15), 5)
         pair = common.PairSlices(f"p{i}_slice00", f"p{i}", ed / 3.0 + 0.1, es / 3.0 + 0.1, ed, es, None)
         content[section].append(common.write_pair(pair, out))
     (out / "datalist.json").write_text(json.dumps(content))
@@ -67,6 +57,13 @@ def _documented_steps(dataset: str) -> list[dict[str, str]]:
     return steps
 
 
+def _float_or_str(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 @pytest.mark.parametrize("dataset, alpha", [("acdc", "0.01"), ("camus", "0.04")])
 def test_cpu_schedule_is_the_documented_recipe(prepared: Path, tmp_path: Path, dataset: str, alpha: str):
     parser_args = _args(prepared, tmp_path / "exp")
@@ -82,16 +79,9 @@ def test_cpu_schedule_is_the_documented_recipe(prepared: Path, tmp_path: Path, d
         for key, value in doc.items():
             if "<" in value:  # placeholders such as <vxm>/models
                 continue
-            assert key in gen and float_or_str(gen[key]) == float_or_str(value), (key, value, gen.get(key))
+            assert key in gen and _float_or_str(gen[key]) == _float_or_str(value), (key, value, gen.get(key))
     assert generated[1]["resume_checkpoint"].endswith("vxm/models/checkpoint_epoch=20.pt")
     assert generated[1]["alpha"] == alpha and generated[0]["seed"] == generated[1]["seed"] == "3"
-
-
-def float_or_str(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 def test_paper_schedule_gives_equal_displacement_epochs(prepared: Path, tmp_path: Path):
