@@ -74,3 +74,22 @@ def ring_label(size: int, centre: tuple[float, float], radius: float):
     label[distance < radius + 3] = 2
     label[distance < radius] = 3
     return label
+
+
+def write_ring_pairs(out: Path, sections: list[str], empty_es: tuple[int, ...] = ()) -> Path:
+    """A prepared folder as scripts/prepare_*.py writes it: pair i of 32 x 32 goes to ``sections[i]``, its ES ring
+    shifted by i % 3 rows and -1 column from the ED ring (pairs in ``empty_es`` get an empty ES label)."""
+    import json
+
+    import numpy as np
+
+    common = load_repo_script("_prep_common")
+    out.mkdir()
+    content: dict[str, list] = {"training": [], "validation": [], "testing": []}
+    for i, section in enumerate(sections):
+        ed = ring_label(32, (16, 16), 6)
+        es = ring_label(32, (16 + i % 3, 15), 5) if i not in empty_es else np.zeros((32, 32), np.uint8)
+        pair = common.PairSlices(f"p{i}_slice00", f"p{i}", ed / 3.0 + 0.1, es / 3.0 + 0.1, ed, es, None)
+        content[section].append(common.write_pair(pair, out))
+    (out / "datalist.json").write_text(json.dumps(content))
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_repo_script, ring_label  # noqa: E402
+from conftest import load_repo_script, ring_label, write_ring_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,23 +22,12 @@ _load = load_repo_script
 
 
 compare = _load("compare_methods")
-common = _load("_prep_common")
 
 
 @pytest.fixture()
 def dataset(tmp_path: Path) -> Path:
     """Six pairs, the ES ring shifted by a few pixels; one pair without myocardium in ES (dropped)."""
-    out = tmp_path / "prepared"
-    out.mkdir()
-    items = []
-    for i in range(6):
-        ed = ring_label(32, (16, 16), 6)
-        es = ring_label(32, (16 + (i % 3), 16 - 1), 5) if i != 5 else np.zeros((32, 32), np.uint8)
-        pair = common.PairSlices(f"p{i}_slice00", f"p{i}", ed / 3.0 + 0.1, es / 3.0 + 0.1, ed, es, None)
-        items.append(common.write_pair(pair, out))
-    content = {"training": [], "validation": [], "testing": items}
-    (out / "datalist.json").write_text(json.dumps(content))
-    return out
+    return write_ring_pairs(tmp_path / "prepared", ["testing"] * 6, empty_es=(5,))
 
 
 def _networks(tmp_path: Path) -> tuple[str, str, str]:

@@ -10,26 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUNDLE, REPO, load_repo_script, ring_label
+from conftest import BUNDLE, REPO, load_repo_script, write_ring_pairs
 
 experiment = load_repo_script("run_experiment")
-common = load_repo_script("_prep_common")
 
 
 @pytest.fixture()
 def prepared(tmp_path: Path) -> Path:
     """A prepared folder in the layout of scripts/prepare_*.py: 4 training, 2 validation, 3 test pairs of 32 x 32."""
-    out = tmp_path / "prepared"
-    out.mkdir()
-    content: dict[str, list] = {"training": [], "validation": [], "testing": []}
-    sections = ["training"] * 4 + ["validation"] * 2 + ["testing"] * 3
-    for i, section in enumerate(sections):
-        ed = ring_label(32, (16, 16), 6)
-        es = ring_label(32, (16 + i % 3, 15), 5)
-        pair = common.PairSlices(f"p{i}_slice00", f"p{i}", ed / 3.0 + 0.1, es / 3.0 + 0.1, ed, es, None)
-        content[section].append(common.write_pair(pair, out))
-    (out / "datalist.json").write_text(json.dumps(content))
-    return out
+    return write_ring_pairs(tmp_path / "prepared", ["training"] * 4 + ["validation"] * 2 + ["testing"] * 3)
 
 
 def _args(prepared: Path, out: Path, *extra: str) -> list[str]:
