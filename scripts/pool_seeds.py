@@ -5,8 +5,10 @@
 Each RUN_DIR is one ``compare_methods.py`` output folder (same dataset and split, one training seed); only its
 ``per_slice.csv`` is read. For every method: the per-seed mean of each metric over valid slices and the mean of
 those over seeds. For the candidate against the reference: the per-seed Dice difference and paired t-test (as in
-each ``results.md``) and one paired t-test of the per-slice Dice averaged over the seeds (each slice counts once,
-so the test is not inflated by counting the same slices once per seed).
+each ``results.md``); one paired t-test of the per-slice Dice averaged over the seeds (each slice counts once,
+so the test is not inflated by counting the same slices once per seed: it asks whether the gain holds across test
+slices); and, with three or more seeds, a paired t-test of the per-seed mean Dice with the number of seeds the
+candidate wins (it asks whether the gain holds across training seeds, on this fixed test set).
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ def seed_averaged_dice(runs: list[dict], method: str) -> dict[str, float]:
     return {c: float(np.mean([p[c]["dice"] for p in per_seed])) for c in cases}
 
 
+def across_seeds(differences: list[float]) -> tuple[float, float, int, int]:
+    """Mean of the per-seed Dice differences, one-sample t-test p against 0 (= paired t-test of the per-seed means;
+    NaN below three seeds), number of seeds and number the candidate wins."""
+    finite = np.array([d for d in differences if math.isfinite(d)])
+    p = float(stats.ttest_1samp(finite, 0.0).pvalue) if len(finite) >= 3 else math.nan
+    mean = float(finite.mean()) if len(finite) else math.nan
+    return mean, p, len(finite), int((finite > 0).sum())
+
+
 def pool(runs: list[dict], reference: str, candidate: str) -> dict:
     """Per-seed and seed-mean metrics per method, and the candidate-vs-reference tests."""
     methods = list(dict.fromkeys(m for run in runs for m in run))
@@ -75,6 +86,7 @@ def pool(runs: list[dict], reference: str, candidate: str) -> dict:
         both = [run for run in runs if reference in run and candidate in run]
         tests["per_seed"] = [paired(*({c: v["dice"] for c, v in run[m].items()} for m in (candidate, reference))) for run in both]
         tests["seed_averaged"] = paired(seed_averaged_dice(both, candidate), seed_averaged_dice(both, reference))
+        tests["across_seeds"] = across_seeds([diff for diff, _, _ in tests["per_seed"]])
     return {"table": table, "tests": tests, "reference": reference, "candidate": candidate}
 
 
@@ -97,6 +109,10 @@ def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
             lines.append(f"| run {seed + 1} | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
         diff, p, n = tests["seed_averaged"]
         lines.append(f"| per-slice Dice averaged over the runs | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
+        diff, p, n, wins = tests["across_seeds"]
+        if n >= 3:
+            lines += ["", f"Across the {n} runs: {pooled['candidate']} ahead in {wins}, mean difference {diff:+.2f}, "
+                      f"paired t-test of the per-run means p = {_fmt(p, 3)} (training-seed spread on this test set)."]
     return "\n".join(lines) + "\n"
 
 

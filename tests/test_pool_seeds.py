@@ -102,3 +102,24 @@ def test_a_csv_missing_a_metric_column_is_named_in_the_error(tmp_path, capsys):
     assert pool_seeds.main([str(folder)]) == 2
     err = capsys.readouterr().err
     assert "per_slice.csv" in err and "'asd'" in err and "'hd'" in err
+
+
+def test_three_seeds_add_a_test_of_the_per_seed_means_with_the_wins(tmp_path):
+    base = [80.0, 82.0, 75.0, 90.0, 70.0, 85.0]
+    gains = [0.4, 0.1, -0.2]  # the candidate wins two seeds of three
+    jitter = [0.1, -0.1, 0.05, -0.05, 0.2, -0.2]  # mean 0: each seed's mean gain is exactly g
+    dirs = [write_run(tmp_path / f"s{i}", {"VoxelMorph-MSE": base, "AdaCS": [v + g + j for v, j in zip(base, jitter)]})
+            for i, g in enumerate(gains)]
+    pooled = pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS")
+    diff, p, n, wins = pooled["tests"]["across_seeds"]
+    assert (n, wins) == (3, 2)
+    assert diff == pytest.approx(np.mean(gains))
+    assert p == pytest.approx(stats.ttest_rel([np.mean(base) + g for g in gains], [np.mean(base)] * 3).pvalue)
+    assert "ahead in 2, mean difference +0.10" in pool_seeds.to_markdown(pooled, dirs)
+
+
+def test_two_seeds_report_no_test_across_seeds(two_seeds):
+    dirs, _ = two_seeds
+    pooled = pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS")
+    assert math.isnan(pooled["tests"]["across_seeds"][1])
+    assert "Across the" not in pool_seeds.to_markdown(pooled, dirs)
