@@ -6,13 +6,14 @@ Methods, all on the same pairs (the ``testing`` section of a prepared dataset by
 * **Elastix**: B-spline registration with itk-elastix's default ``bspline`` parameter map (the paper's classical
   baseline), fixed = ES, moving = ED, field from transformix (cached in ``elastix_ddf.npz``);
 * **VoxelMorph-MSE**: the bundle's displacement network trained with ``use_scoring false``;
-* **AdaCS**: the bundle's displacement network trained with scoring.
+* **AdaCS**: the bundle's displacement network trained with scoring;
+* any further displacement network given as ``--model NAME=model.pt`` (an ablation or a control), one row each.
 
 Protocol (``bundle/scripts/paper_metrics.py``): myocardium only (``--label``, 2 for ACDC and CAMUS), the ED label
 warped bilinearly as a binary mask, foreground where > 0; per-slice Dice x100, symmetric max HD, ASD from the
 ground-truth surface, in pixels at 128 x 128; folding %; a slice whose computation fails (empty mask) is dropped
 for that method; mean +- std over slices; paired t-test (``scipy.stats.ttest_rel``) of per-slice Dice of
-AdaCS vs VoxelMorph-MSE over the slices valid for both.
+AdaCS (and of every ``--model``) vs VoxelMorph-MSE over the slices valid for both.
 
 Outputs in ``--out``: ``results.md`` and ``results.csv`` (the table), ``per_slice.csv``, ``dice_distribution.png``
 (per-case Dice per method) and ``examples.png`` (fixed, moving, warped, deformation grid and score map for a few
@@ -35,7 +36,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -167,8 +168,10 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0, int(array.size)
 
 
-def summarise(rows: list[dict], train_times: dict[str, str], reference: str = "VoxelMorph-MSE", candidate: str = "AdaCS") -> list[dict]:
-    """One row per method: mean +- std of every metric over valid slices, times, and the paired t-test."""
+def summarise(rows: list[dict], train_times: dict[str, str], reference: str = "VoxelMorph-MSE",
+              candidate: str | Sequence[str] = "AdaCS") -> list[dict]:
+    """One row per method: mean +- std of every metric over valid slices, times, and the paired t-test of each
+    candidate against the reference."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by_method = {m: {r["case"]: r for r in rows if r["method"] == m} for m in methods}
     table = []
@@ -185,15 +188,34 @@ def summarise(rows: list[dict], train_times: dict[str, str], reference: str = "V
         entry["training_time"] = train_times.get(method, "none")
         entry["p_vs_" + reference] = math.nan
         table.append(entry)
-    if candidate in by_method and reference in by_method:
-        common = sorted(set(by_method[candidate]) & set(by_method[reference]))
-        test = paired_ttest([by_method[candidate][c]["dice"] for c in common], [by_method[reference][c]["dice"] for c in common])
+    candidates = [candidate] if isinstance(candidate, str) else list(candidate)
+    for name in candidates:
+        if name not in by_method or reference not in by_method or name == reference:
+            continue
+        common = sorted(set(by_method[name]) & set(by_method[reference]))
+        test = paired_ttest([by_method[name][c]["dice"] for c in common], [by_method[reference][c]["dice"] for c in common])
         for entry in table:
-            if entry["method"] == candidate:
+            if entry["method"] == name:
                 entry["p_vs_" + reference] = test["p"]
                 entry["t_vs_" + reference] = test["t"]
                 entry["n_paired"] = test["n"]
     return table
+
+
+def parse_models(items: Sequence[str]) -> dict[str, Path]:
+    """``--model NAME=PATH`` items as ``{NAME: PATH}``; a clear error for a bad item, a clash or a missing file."""
+    models: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--model {item!r}: expected NAME=PATH/TO/model.pt")
+        if name in METHODS or name in models:
+            raise ValueError(f"--model {item!r}: the name {name!r} is already a row of the table")
+        if not Path(path).is_file():
+            raise ValueError(f"--model {item!r}: {path} is not a file")
+        models[name] = Path(path)
+    return models
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -304,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adacs-scoring", default=None, help="AdaCS scoring_model.pt (for the score maps)")
     parser.add_argument("--vxm-train-time", default="n/a")
     parser.add_argument("--adacs-train-time", default="n/a")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=MODEL.pt",
+                        help="one more displacement network (flat state dict) as a row NAME, with its p vs "
+                             "VoxelMorph-MSE: an ablation or a control; repeatable")
     parser.add_argument("--no-elastix", action="store_true", help="leave Elastix out (e.g. itk-elastix not installed)")
     parser.add_argument("--elastix-threads", type=int, default=1)
     parser.add_argument("--label", type=int, default=2, help="label evaluated (2 = myocardium in ACDC and CAMUS)")
@@ -313,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
 
+    try:
+        extra_models = parse_models(args.model)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     datalist = args.datalist or str(Path(args.dataset_dir) / "datalist.json")
     if not Path(datalist).is_file():
         datalist = None
@@ -330,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         if path:
             methods[name] = network_method(load_network(path))
             train_times[name] = train_time
+    for name, path in extra_models.items():
+        methods[name] = network_method(load_network(path))
+        train_times[name] = "n/a"
     rows, fields = evaluate(pairs, methods, args.label)
-    table = summarise(rows, train_times)
+    table = summarise(rows, train_times, candidate=["AdaCS", *extra_models])
     title = args.title or f"{Path(args.dataset_dir).name}, section '{args.section}', {len(pairs)} pairs"
     write_tables(table, rows, args.out, title)
     if not args.no_figures:

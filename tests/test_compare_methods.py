@@ -78,6 +78,24 @@ def test_table_rows_ttest_and_figures(dataset: Path, tmp_path: Path):
         assert (out / "examples.png").stat().st_size > 0
 
 
+def test_extra_models_get_rows_and_p_values(dataset: Path, tmp_path: Path, capsys):
+    vxm, adacs, _ = _networks(tmp_path)
+    out = tmp_path / "cmp"
+    code = compare.main(["--dataset-dir", str(dataset), "--out", str(out), "--no-elastix", "--image-size", "32",
+                         "--no-figures", "--vxm", vxm, "--model", f"control={adacs}", "--model", f"same={vxm}"])
+    assert code == 0
+    with (out / "results.csv").open() as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    assert list(table) == ["Undeformed", "VoxelMorph-MSE", "control", "same"]
+    assert 0.0 <= float(table["control"]["p_vs_VoxelMorph-MSE"]) < 1.0
+    assert table["same"]["dice_mean"] == table["VoxelMorph-MSE"]["dice_mean"]  # the same network, the same row
+    assert table["control"]["dice_mean"] != table["VoxelMorph-MSE"]["dice_mean"]
+    for bad, message in ((f"AdaCS={adacs}", "already a row"), ("control", "NAME=PATH"),
+                         (f"x={tmp_path / 'missing.pt'}", "is not a file")):
+        assert compare.main(["--dataset-dir", str(dataset), "--out", str(out), "--model", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_summarise_ttest_uses_common_valid_slices():
     from scipy import stats
 

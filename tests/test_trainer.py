@@ -64,6 +64,7 @@ def build(
     epoch_length: int = 2,
     lr: float = 1e-3,
     use_scoring: bool = True,
+    leak: bool = False,
 ) -> AdaCSTrainer:
     torch.manual_seed(seed)
     displacement = DiffeomorphicVoxelMorph()
@@ -84,6 +85,7 @@ def build(
         scoring_warmup_epochs=scoring,
         accumulation_steps=acc,
         epoch_length=epoch_length,
+        reference_gradient_leak=leak,
     )
 
 
@@ -219,6 +221,63 @@ def test_joint_phase_gradients_are_isolated_and_match_the_method(acc):
 
     trainer.run()
     assert checks == {"backward": 2, "iteration": 2}
+
+
+# ---- the reference code's gradient leak (off by default) ---------------------------------------------------
+def leaked_grads(displacement, scoring, moving, fixed) -> list[torch.Tensor]:
+    """d L_ucs / d theta: the data term with the scores held fixed, through the warp of ``displacement``."""
+    return reference_grads(displacement, reference_displacement_loss(displacement, scoring, moving, fixed)[1])
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_scoring_warmup_leaks_dL_ucs_into_theta_only_when_asked(leak):
+    """Reference code: the scoring-only epochs pile dL_ucs/dtheta into theta's gradients (never stepped there)."""
+    trainer = build(sequential_loader(), scoring=1, acc=2, epoch_length=2, leak=leak)
+    d_net = trainer.displacement_network
+    d_start, s_start = copy.deepcopy(d_net), copy.deepcopy(trainer.scoring_network)
+    batches = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: batches.append(e.state.batch))
+    trainer.run()
+    assert same(params(d_net), params(d_start))  # the displacement network never steps in the scoring warm-up
+    if not leak:
+        assert same(grads(d_net), [None] * len(batches[0]))
+        assert all(p.grad is None or p.grad.abs().max() == 0 for p in d_net.parameters())
+        return
+    # the scores of both micro-steps come from phi_0 (phi steps after the second), theta is unchanged
+    expected = [leaked_grads(copy.deepcopy(d_start), s_start, b["moving"], b["fixed"]) for b in batches]
+    assert len(expected) == 2
+    assert_close_vectors(flat(grads(d_net), expected[0]), flat(expected[0], expected[0]) + flat(expected[1], expected[1]))
+
+
+def test_joint_phase_leak_adds_dL_ucs_at_theta_t_plus_1_into_the_next_update():
+    """With the leak, theta's gradient after a micro-step = what was there + L_de grad (+ leak at theta_{t+1})."""
+    acc = 2
+    trainer = build(sequential_loader(num_pairs=8), acc=acc, epoch_length=4, leak=True)
+    d_net = trainer.displacement_network
+    record: dict = {}
+    checks = defaultdict(int)
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def snapshot(engine):
+        batch = engine.state.batch
+        record.update(moving=batch["moving"], fixed=batch["fixed"], d_copy=copy.deepcopy(d_net),
+                      s_copy=copy.deepcopy(trainer.scoring_network), d_grads=grads(d_net))
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def after_iteration(engine):
+        moving, fixed, s_copy = record["moving"], record["fixed"], record["s_copy"]
+        like = params(d_net)
+        leak_now = flat(leaked_grads(copy.deepcopy(d_net), s_copy, moving, fixed), like)  # at theta_{t+1}
+        if engine.state.iteration % acc == 0:  # stepped: gradients cleared after the step, then the leak
+            assert_close_vectors(flat(grads(d_net), like), leak_now)
+        else:  # theta unchanged: carried leak + L_de gradient + leak, all at theta_t
+            loss, _ = reference_displacement_loss(record["d_copy"], s_copy, moving, fixed)
+            de = flat(reference_grads(record["d_copy"], loss), like)
+            assert_close_vectors(flat(grads(d_net), like), flat(record["d_grads"], like) + de + leak_now)
+        checks[engine.state.iteration % acc] += 1
+
+    trainer.run()
+    assert checks == {0: 2, 1: 2}
 
 
 def test_momentum_weight_follows_the_displacement_data_term():
@@ -487,3 +546,9 @@ def test_invalid_construction():
                      DisplacementLoss(MSE, GradientL2Loss()), use_scoring=True)
     with pytest.raises(ValueError, match="accumulation_steps"):
         build(sequential_loader(), acc=0)
+    with pytest.raises(ValueError, match="reference_gradient_leak"):
+        d = DiffeomorphicVoxelMorph()
+        s = ScoringNet()
+        AdaCSTrainer("cpu", 1, sequential_loader(), d, torch.optim.Adam(d.parameters()),
+                     DisplacementLoss(MSE, GradientL2Loss()), s, torch.optim.Adam(s.parameters()), ScoringLoss(MSE),
+                     reference_gradient_leak="sometimes")

@@ -11,6 +11,11 @@ Per micro-step (paper Alg. / reference ``train_vxm.py``):
 
 Warm start: ``motion_warmup_epochs`` with S = 1 and no scoring step, then ``scoring_warmup_epochs`` with the
 displacement network frozen, then joint. ``use_scoring=False`` turns the same trainer into VoxelMorph-MSE.
+
+``reference_gradient_leak=True`` reproduces the reference code instead of the paper's equations: its scoring step
+re-runs f_theta with gradients and does not detach the warped image, so dL_ucs/dtheta lands in theta's gradients,
+which are cleared only after a displacement step; the leak is added into the next displacement update (and piles up
+over the scoring warm-up until the first joint step).
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ class AdaCSTrainer(Trainer):
         accumulation_steps: micro-steps per optimizer step; gradients are summed, as in the reference code.
         use_mask: apply the background mask M = (moving != 0) | (fixed != 0).
         warp_padding_mode: padding of the image warp (VoxelMorph: zeros).
+        reference_gradient_leak: reproduce the reference code's leak of dL_ucs/dtheta into the displacement
+            updates (default False: the paper's stop-gradient). Off the paper, on the published numbers' code.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class AdaCSTrainer(Trainer):
         accumulation_steps: int = 2,
         use_mask: bool = True,
         warp_padding_mode: str = "zeros",
+        reference_gradient_leak: bool = False,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = PreparePairBatch(),
@@ -140,6 +148,7 @@ class AdaCSTrainer(Trainer):
     ) -> None:
         use_scoring = as_bool(use_scoring, "use_scoring")
         use_mask = as_bool(use_mask, "use_mask")
+        reference_gradient_leak = as_bool(reference_gradient_leak, "reference_gradient_leak")
         if use_scoring and (scoring_network is None or scoring_optimizer is None or scoring_loss is None):
             raise ValueError("use_scoring=True needs scoring_network, scoring_optimizer and scoring_loss.")
         if accumulation_steps < 1:
@@ -174,6 +183,7 @@ class AdaCSTrainer(Trainer):
         self.scoring_warmup_epochs = scoring_warmup_epochs if use_scoring else 0
         self.accumulation_steps = accumulation_steps
         self.use_mask = use_mask
+        self.reference_gradient_leak = reference_gradient_leak and use_scoring
         self.inferer = inferer
         self.optim_set_to_none = optim_set_to_none
         self.warp = Warp(mode="bilinear", padding_mode=warp_padding_mode)
@@ -262,7 +272,7 @@ class AdaCSTrainer(Trainer):
         """L_de step on theta. Returns the detached directions when theta did not change (reusable)."""
         output = self.state.output
         self.displacement_network.train()
-        if zero_grad:
+        if zero_grad and not self.reference_gradient_leak:  # the reference clears theta's gradients after a step
             self.displacement_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         fields = registration_fields(self.displacement_network, image)
         directions = self.directions(moving, fixed, fields, scores)
@@ -277,6 +287,8 @@ class AdaCSTrainer(Trainer):
         self.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             self.displacement_optimizer.step()
+            if self.reference_gradient_leak:
+                self.displacement_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         if self.use_scoring:
             self.smoothness_weight.update(float(_global_mean(losses["data"].detach())))
         if step:
@@ -288,6 +300,8 @@ class AdaCSTrainer(Trainer):
         output = self.state.output
         if zero_grad:
             self.scoring_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        if self.reference_gradient_leak:
+            reuse = self._leak_ucs_gradient(image, moving, fixed, scores, mask)
         if reuse is None:
             with torch.no_grad():
                 fields = registration_fields(self.displacement_network, image)
@@ -311,6 +325,20 @@ class AdaCSTrainer(Trainer):
             loss_smooth=losses["smooth"].detach(),
             mean_score=torch.stack([s.detach().mean() for s in scores]).mean(),
         )
+
+
+    def _leak_ucs_gradient(self, image, moving, fixed, scores, mask) -> list[Direction]:
+        """The reference code's leak: dL_ucs/dtheta at theta_{t+1} added into theta's gradients (not stepped here).
+
+        L_ucs = mean(M * S * r^2) depends on theta only through the warp, so its theta-gradient is that of the
+        displacement data term with S held fixed. Returns the (detached) warps for the scoring loss.
+        """
+        fields = registration_fields(self.displacement_network, image)
+        live = self.directions(moving, fixed, fields, [s.detach() for s in scores])
+        self.displacement_loss(live, mask, fields.regularized_field)["data"].backward()
+        if self.state.output[Keys.PRED] is None:
+            self.state.output[Keys.PRED] = fields.forward_ddf.detach()
+        return [Direction(d.warped.detach(), d.target, None) for d in live]
 
 
 def _is_bidirectional(network: torch.nn.Module) -> bool:
