@@ -81,13 +81,18 @@ def load_pairs(dataset_dir: str, datalist: str | None, section: str, image_size:
 
 
 def load_network(path: str | Path, scoring: bool = False) -> torch.nn.Module:
-    """The bundle's displacement (or scoring) network with a flat state dict from ``path``."""
+    """The bundle's displacement (or scoring) network from ``path``: a flat state dict (``model.pt``) or a training
+    checkpoint (``checkpoint_final.pt``, ``checkpoint_epoch=N.pt``: its ``displacement_network`` or
+    ``scoring_network`` entry), e.g. to evaluate final weights as the paper does."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
     network = parser.get_parsed_content("scoring_network_def" if scoring else "network_def", instantiate=True)
     state = torch.load(str(path), map_location="cpu", weights_only=True)
+    entry = "scoring_network" if scoring else "displacement_network"
+    if entry in state and isinstance(state[entry], dict):
+        state = state[entry]
     network.load_state_dict(state)
     return network.eval()
 
@@ -321,13 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datalist", default=None, help="datalist JSON (default: <dataset-dir>/datalist.json)")
     parser.add_argument("--section", default="testing")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--vxm", default=None, help="VoxelMorph-MSE model.pt (flat state dict)")
-    parser.add_argument("--adacs", default=None, help="AdaCS model.pt (flat state dict)")
+    parser.add_argument("--vxm", default=None, help="VoxelMorph-MSE model.pt (flat state dict) or training checkpoint")
+    parser.add_argument("--adacs", default=None, help="AdaCS model.pt (flat state dict) or training checkpoint")
     parser.add_argument("--adacs-scoring", default=None, help="AdaCS scoring_model.pt (for the score maps)")
     parser.add_argument("--vxm-train-time", default="n/a")
     parser.add_argument("--adacs-train-time", default="n/a")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=MODEL.pt",
-                        help="one more displacement network (flat state dict) as a row NAME, with its p vs "
+                        help="one more displacement network (model.pt or checkpoint) as a row NAME, with its p vs "
                              "VoxelMorph-MSE: an ablation or a control; repeatable")
     parser.add_argument("--no-elastix", action="store_true", help="leave Elastix out (e.g. itk-elastix not installed)")
     parser.add_argument("--elastix-threads", type=int, default=1)

@@ -127,3 +127,19 @@ def test_elastix_field_is_in_the_bundle_convention():
     before = 2 * ((moving == 2) & (fixed == 2)).sum() / ((moving == 2).sum() + (fixed == 2).sum())
     after = 2 * (warped[0, 1].numpy().astype(bool) & (fixed == 2)).sum() / (warped[0, 1].sum().item() + (fixed == 2).sum())
     assert after > before + 0.2
+
+
+def test_load_network_reads_a_training_checkpoint_as_the_flat_state_dict(tmp_path: Path):
+    """``checkpoint_final.pt`` (the paper evaluates final weights) loads the same network as its flat state dict."""
+    vxm, _, score = _networks(tmp_path)
+    flat_d, flat_s = torch.load(vxm, weights_only=True), torch.load(score, weights_only=True)
+    checkpoint = tmp_path / "checkpoint_final.pt"
+    torch.save({"displacement_network": flat_d, "scoring_network": flat_s, "trainer": {"epoch": 3}}, checkpoint)
+    for scoring, flat_path in ((False, vxm), (True, score)):
+        from_checkpoint = compare.load_network(checkpoint, scoring=scoring).state_dict()
+        from_flat = compare.load_network(flat_path, scoring=scoring).state_dict()
+        assert from_checkpoint.keys() == from_flat.keys()
+        assert all(torch.equal(from_checkpoint[k], from_flat[k]) for k in from_flat)
+    with pytest.raises(RuntimeError):  # a checkpoint without the entry is not silently half-loaded
+        torch.save({"trainer": {"epoch": 3}}, checkpoint)
+        compare.load_network(checkpoint)
