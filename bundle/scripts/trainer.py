@@ -326,7 +326,6 @@ class AdaCSTrainer(Trainer):
             mean_score=torch.stack([s.detach().mean() for s in scores]).mean(),
         )
 
-
     def _leak_ucs_gradient(self, image, moving, fixed, scores, mask) -> list[Direction]:
         """The reference code's leak: dL_ucs/dtheta at theta_{t+1} added into theta's gradients (not stepped here).
 
