@@ -167,3 +167,27 @@ def test_torchrun_bundle_command(single: tuple[dict, dict], tmp_path: Path) -> N
         assert rank_logs[rank], f"no log captured for rank {rank} (torchrun --log-dir layout changed?)"
         for marker in ("Iter:", "Metrics --", "Epoch[", "Saved checkpoint"):
             assert marker not in rank_logs[rank], f"rank {rank} logged {marker!r}"
+
+
+def test_ddp_with_the_reference_gradient_leak_matches_single_process(single: tuple[dict, dict], tmp_path: Path) -> None:
+    """The leak's extra backward through the DDP-wrapped displacement network averages over ranks like the rest."""
+    leak = {"reference_gradient_leak": True}
+    runs = {}
+    for name, distributed in (("single", False), ("ddp", True)):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        out = tmp / "out.json"
+        batch = GLOBAL_BATCH // NPROC if distributed else GLOBAL_BATCH
+        override = json.dumps({**overrides(tmp, batch), **leak})
+        if distributed:
+            cmd = [*torchrun_command(), "--standalone", "--nnodes=1", f"--nproc_per_node={NPROC}", str(RUNNER),
+                   "--distributed", "--out", str(out), "--override", override]
+        else:
+            cmd = [sys.executable, str(RUNNER), "--out", str(out), "--override", override]
+        launch(cmd, REPO, tmp / "log.txt")
+        runs[name] = torch.load(out.with_suffix(".pt"))
+    for net in ("displacement", "scoring"):
+        assert_same_weights(runs["single"]["final"][net], runs["ddp"]["final"][net], f"final {net} with the leak")
+    without_leak = single[1]["final"]["displacement"]
+    changed = max(float((runs["single"]["final"]["displacement"][k] - v).abs().max()) for k, v in without_leak.items())
+    assert changed > 100 * ATOL_WEIGHT, "the leak did not change the displacement network: the option had no effect"
