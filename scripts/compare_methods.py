@@ -361,13 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_elastix:
         methods["Elastix"] = elastix_method(args.out / "elastix_ddf.npz", args.elastix_threads)
     train_times = {"Undeformed": "none", "Elastix": "none (per-pair optimisation)"}
-    for name, path, train_time in (("VoxelMorph-MSE", args.vxm, args.vxm_train_time), ("AdaCS", args.adacs, args.adacs_train_time)):
+    networks = [("VoxelMorph-MSE", args.vxm, args.vxm_train_time), ("AdaCS", args.adacs, args.adacs_train_time),
+                *((name, path, "n/a") for name, path in extra_models.items())]
+    for name, path, train_time in networks:
         if path:
             methods[name] = network_method(load_network(path))
             train_times[name] = train_time
-    for name, path in extra_models.items():
-        methods[name] = network_method(load_network(path))
-        train_times[name] = "n/a"
     rows, fields = evaluate(pairs, methods, args.label)
     table = summarise(rows, train_times, candidate=["AdaCS", *extra_models])
     title = args.title or f"{Path(args.dataset_dir).name}, section '{args.section}', {len(pairs)} pairs"

@@ -100,14 +100,23 @@ def overrides(tmp: Path, batch_size: int) -> dict:
     return {**TINY, "batch_size": batch_size, "ckpt_dir": str(tmp / "models"), "output_dir": str(tmp / "eval")}
 
 
+def run_runner(tmp: Path, distributed: bool, extra: dict | None = None) -> tuple[dict, dict]:
+    """``ddp_runner.py`` in ``tmp``: one process with the global batch, or NPROC under torchrun with its share."""
+    out = tmp / "out.json"
+    batch = GLOBAL_BATCH // NPROC if distributed else GLOBAL_BATCH
+    args = [str(RUNNER), "--out", str(out), "--override", json.dumps({**overrides(tmp, batch), **(extra or {})})]
+    if distributed:
+        cmd = [*torchrun_command(), "--standalone", "--nnodes=1", f"--nproc_per_node={NPROC}", *args, "--distributed"]
+    else:
+        cmd = [sys.executable, *args]
+    launch(cmd, REPO, tmp / "log.txt")
+    return json.loads(out.read_text()), torch.load(out.with_suffix(".pt"))
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     """The reference: one process, train.yaml only, batch 4."""
-    tmp = tmp_path_factory.mktemp("single")
-    out = tmp / "out.json"
-    cmd = [sys.executable, str(RUNNER), "--out", str(out), "--override", json.dumps(overrides(tmp, GLOBAL_BATCH))]
-    launch(cmd, REPO, tmp / "log.txt")
-    return json.loads(out.read_text()), torch.load(out.with_suffix(".pt"))
+    return run_runner(tmp_path_factory.mktemp("single"), distributed=False)
 
 
 def assert_same_weights(reference: dict, other: dict, what: str) -> None:
@@ -117,13 +126,8 @@ def assert_same_weights(reference: dict, other: dict, what: str) -> None:
 
 
 def test_ddp_losses_match_single_process(single: tuple[dict, dict], tmp_path: Path) -> None:
-    launcher = torchrun_command()
-    out = tmp_path / "out.json"
-    cmd = [*launcher, "--standalone", "--nnodes=1", f"--nproc_per_node={NPROC}", str(RUNNER), "--distributed",
-           "--out", str(out), "--override", json.dumps(overrides(tmp_path, GLOBAL_BATCH // NPROC))]
-    launch(cmd, REPO, tmp_path / "log.txt")
+    ddp, ddp_weights = run_runner(tmp_path, distributed=True)
     reference, reference_weights = single
-    ddp, ddp_weights = json.loads(out.read_text()), torch.load(out.with_suffix(".pt"))
 
     assert reference["world_size"] == 1 and not reference["ddp"]
     assert ddp["world_size"] == NPROC and ddp["ddp"], "both networks must be DistributedDataParallel"
@@ -196,18 +200,8 @@ def test_ddp_with_the_reference_gradient_leak_matches_single_process(single: tup
     leak = {"reference_gradient_leak": True}
     runs = {}
     for name, distributed in (("single", False), ("ddp", True)):
-        tmp = tmp_path / name
-        tmp.mkdir()
-        out = tmp / "out.json"
-        batch = GLOBAL_BATCH // NPROC if distributed else GLOBAL_BATCH
-        override = json.dumps({**overrides(tmp, batch), **leak})
-        if distributed:
-            cmd = [*torchrun_command(), "--standalone", "--nnodes=1", f"--nproc_per_node={NPROC}", str(RUNNER),
-                   "--distributed", "--out", str(out), "--override", override]
-        else:
-            cmd = [sys.executable, str(RUNNER), "--out", str(out), "--override", override]
-        launch(cmd, REPO, tmp / "log.txt")
-        runs[name] = torch.load(out.with_suffix(".pt"))
+        (tmp_path / name).mkdir()
+        runs[name] = run_runner(tmp_path / name, distributed, leak)[1]
     for net in ("displacement", "scoring"):
         assert_same_weights(runs["single"]["final"][net], runs["ddp"]["final"][net], f"final {net} with the leak")
     without_leak = single[1]["final"]["displacement"]

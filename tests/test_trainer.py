@@ -240,7 +240,6 @@ def test_scoring_warmup_leaks_dL_ucs_into_theta_only_when_asked(leak):
     trainer.run()
     assert same(params(d_net), params(d_start))  # the displacement network never steps in the scoring warm-up
     if not leak:
-        assert same(grads(d_net), [None] * len(batches[0]))
         assert all(p.grad is None or p.grad.abs().max() == 0 for p in d_net.parameters())
         return
     # the scores of both micro-steps come from phi_0 (phi steps after the second), theta is unchanged
