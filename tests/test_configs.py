@@ -264,15 +264,21 @@ def test_cli_resume_continues_from_the_checkpoint(cli_training):
         "--config_file", "configs/train.yaml", *CLI_TRAIN[2:], "--epochs", "3",
         "--resume_checkpoint", str(root / "models" / "checkpoint_final.pt"),
         "--ckpt_dir", str(resumed_ckpt), "--output_dir", str(root / "resumed_eval"),
+        "--learning_rate", "0.0005", "--scoring_learning_rate", "0.0002",
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "Restored all variables from" in log
     assert "Epoch[3] Complete" in log
     assert "Epoch[1] Complete" not in log and "Epoch[2] Complete" not in log  # only the one missing epoch ran
+    original = torch.load(root / "models" / "checkpoint_final.pt", weights_only=True)
     checkpoint = torch.load(resumed_ckpt / "checkpoint_final.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 12
     assert checkpoint["trainer"]["smoothness_weight_state"]["epoch_index"] == 2
+    # the rates given on the resumed command line are the ones trained with, not the checkpoint's (1e-3)
+    assert [g["lr"] for g in original["displacement_optimizer"]["param_groups"]] == [0.001]
+    assert [g["lr"] for g in checkpoint["displacement_optimizer"]["param_groups"]] == [0.0005]
+    assert [g["lr"] for g in checkpoint["scoring_optimizer"]["param_groups"]] == [0.0002]
 
 
 def read_csv(path: Path) -> list[list[str]]:

@@ -6,7 +6,10 @@ import math
 
 import pytest
 
-from scripts.schedule import MomentumSmoothnessWeight, Phase, momentum_decay, phase_for_epoch
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.schedule import ConfiguredLearningRates, MomentumSmoothnessWeight, Phase, momentum_decay, phase_for_epoch
 
 
 def b(residual: float, beta: float = 1.5) -> float:
@@ -125,3 +128,28 @@ def test_state_dict_round_trip_continues_identically():
     restored.start_epoch(2)
     original.start_epoch(2)
     assert restored.update(0.004) == pytest.approx(original.update(0.004))
+
+
+# ---- learning rates on resume --------------------------------------------------------------------------------
+def test_configured_learning_rates_replace_the_ones_a_checkpoint_loaded():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    checkpointed = torch.optim.Adam([weight], lr=1e-3)
+    displacement, scoring = torch.optim.Adam([weight], lr=1e-4), torch.optim.Adam([weight], lr=2e-4)
+    engine = Engine(lambda engine, batch: None)
+    # the checkpoint loader runs first on STARTED and restores lr 1e-3 into both optimizers
+    def load_checkpoint(_):
+        for optimizer in (displacement, scoring):
+            optimizer.load_state_dict(checkpointed.state_dict())
+
+    engine.add_event_handler(Events.STARTED, load_checkpoint)
+    ConfiguredLearningRates([displacement, scoring], [1e-4, 2e-4]).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert [g["lr"] for g in displacement.param_groups] == [1e-4]
+    assert [g["lr"] for g in scoring.param_groups] == [2e-4]
+
+
+@pytest.mark.parametrize("rates, message", [([1e-4], "2 optimizers but 1 learning rates"), ([1e-4, 0.0], "positive")])
+def test_configured_learning_rates_reject_bad_values(rates, message):
+    optimizers = [torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]) for _ in range(2)]
+    with pytest.raises(ValueError, match=message):
+        ConfiguredLearningRates(optimizers, rates)

@@ -13,7 +13,11 @@ Semantics follow the reference code (``train_vxm.py``), see ``docs/README.md`` (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import Enum
+
+import torch
+from ignite.engine import Engine, Events
 
 
 class Phase(str, Enum):
@@ -113,3 +117,29 @@ class MomentumSmoothnessWeight:
         self.residual_sum = float(state["residual_sum"])
         self.residual_count = int(state["residual_count"])
         self.epoch_index = int(state["epoch_index"])
+
+
+class ConfiguredLearningRates:
+    """Puts the configured learning rates back after a resumed checkpoint has loaded its optimizer states.
+
+    ``Optimizer.load_state_dict`` restores each parameter group's ``lr`` from the checkpoint, so without this a
+    resumed run ignores ``--learning_rate`` / ``--scoring_learning_rate`` (there is no learning-rate schedule to
+    restore: with unchanged rates this is a no-op). Attach it after the ``CheckpointLoader``: both run on
+    ``Events.STARTED``, in the order they were attached.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], learning_rates: Sequence[float]) -> None:
+        if len(optimizers) != len(learning_rates):
+            raise ValueError(f"{len(optimizers)} optimizers but {len(learning_rates)} learning rates")
+        for rate in learning_rates:
+            if not float(rate) > 0:
+                raise ValueError(f"learning rates must be positive numbers, got {rate!r}")
+        self.rates = [(optimizer, float(rate)) for optimizer, rate in zip(optimizers, learning_rates)]
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        for optimizer, rate in self.rates:
+            for group in optimizer.param_groups:
+                group["lr"] = rate
