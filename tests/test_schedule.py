@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 import torch
 from ignite.engine import Engine, Events
 
@@ -136,8 +135,8 @@ def test_configured_learning_rates_replace_the_ones_a_checkpoint_loaded():
     checkpointed = torch.optim.Adam([weight], lr=1e-3)
     displacement, scoring = torch.optim.Adam([weight], lr=1e-4), torch.optim.Adam([weight], lr=2e-4)
     engine = Engine(lambda engine, batch: None)
-    # the checkpoint loader runs first on STARTED and restores lr 1e-3 into both optimizers
-    def load_checkpoint(_):
+
+    def load_checkpoint(_):  # as the CheckpointLoader: first on STARTED, restores lr 1e-3 into both optimizers
         for optimizer in (displacement, scoring):
             optimizer.load_state_dict(checkpointed.state_dict())
 
