@@ -140,6 +140,6 @@ def test_load_network_reads_a_training_checkpoint_as_the_flat_state_dict(tmp_pat
         from_flat = compare.load_network(flat_path, scoring=scoring).state_dict()
         assert from_checkpoint.keys() == from_flat.keys()
         assert all(torch.equal(from_checkpoint[k], from_flat[k]) for k in from_flat)
+    torch.save({"trainer": {"epoch": 3}}, checkpoint)
     with pytest.raises(RuntimeError):  # a checkpoint without the entry is not silently half-loaded
-        torch.save({"trainer": {"epoch": 3}}, checkpoint)
         compare.load_network(checkpoint)
