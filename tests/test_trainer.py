@@ -532,11 +532,28 @@ def test_use_scoring_false_is_voxelmorph_mse():
     for _, item in outputs:
         assert item["loss"] == item["loss_displacement"] and math.isfinite(item["loss"])
         assert all(math.isnan(item[k]) for k in ("loss_scoring", "loss_ucs", "loss_reg", "loss_smooth"))
-        assert item["smoothness_weight"] == BETA  # no momentum without the scoring network
+        assert item["smoothness_weight"] != BETA  # the momentum is tracked, though no loss uses it (test below)
     loss, data = reference_displacement_loss(first["d_copy"], None, first["moving"], first["fixed"], use_scores=False)
     assert outputs[0][1]["loss_data"] == pytest.approx(data.item(), rel=1e-5)
     assert outputs[0][1]["loss_displacement"] == pytest.approx(loss.item(), rel=1e-5)
 
+
+
+def test_baseline_checkpoint_is_adacs_motion_warmup_momentum_included():
+    """AdaCS branched from a VoxelMorph-MSE checkpoint (the CPU schedule) starts its scoring phase as a from-scratch
+    AdaCS run does: same displacement weights and the same momentum. With m = 0 instead (the baseline not tracking
+    it), the first joint steps would weight L_smooth by about (1 - gamma_e) * b, a few percent of beta."""
+    runs = {}
+    for use_scoring in (False, True):
+        trainer = build(sampled_loader(EPOCH_LENGTH), seed=0, use_scoring=use_scoring, motion=2, scoring=1, acc=2,
+                        max_epochs=2, epoch_length=EPOCH_LENGTH)
+        trainer.run()
+        runs[use_scoring] = trainer
+    baseline, adacs = runs[False], runs[True]
+    assert same(params(baseline.displacement_network), params(adacs.displacement_network))
+    momentum = adacs.smoothness_weight.state_dict()
+    assert momentum["residual_count"] == EPOCH_LENGTH and momentum["momentum"] != 0.0  # updated, not the initial m = 0
+    assert baseline.smoothness_weight.state_dict() == pytest.approx(momentum)
 
 def test_invalid_construction():
     with pytest.raises(ValueError, match="scoring_network"):

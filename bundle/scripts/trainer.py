@@ -104,7 +104,8 @@ class AdaCSTrainer(Trainer):
         displacement_loss: :class:`DisplacementLoss` (similarity, regulariser, lambda).
         scoring_loss: :class:`ScoringLoss` (similarity, alpha).
         smoothness_weight: :class:`MomentumSmoothnessWeight` (beta and the momentum constants).
-        use_scoring: False gives the VoxelMorph baseline (S = 1, every epoch trains the displacement network).
+        use_scoring: False gives the VoxelMorph baseline (S = 1, every epoch trains the displacement network);
+            it still tracks the momentum, so its checkpoints are an AdaCS run's motion warm-up, state included.
         motion_warmup_epochs, scoring_warmup_epochs: the warm start (the paper: 20 and 20).
         accumulation_steps: micro-steps per optimizer step; gradients are summed, as in the reference code.
         use_mask: apply the background mask M = (moving != 0) | (fixed != 0).
@@ -289,8 +290,9 @@ class AdaCSTrainer(Trainer):
             self.displacement_optimizer.step()
             if self.reference_gradient_leak:
                 self.displacement_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        if self.use_scoring:
-            self.smoothness_weight.update(float(_global_mean(losses["data"].detach())))
+        # tracked in the baseline too (where no loss uses it): a run branched from a VoxelMorph-MSE checkpoint then
+        # starts its scoring phase with the momentum a from-scratch AdaCS run has after the same motion warm-up
+        self.smoothness_weight.update(float(_global_mean(losses["data"].detach())))
         if step:
             return None
         return [Direction(d.warped.detach(), d.target, None) for d in directions]
