@@ -17,7 +17,8 @@ AdaCS (and of every ``--model``) vs VoxelMorph-MSE over the slices valid for bot
 
 Outputs in ``--out``: ``results.md`` and ``results.csv`` (the table), ``per_slice.csv``, ``dice_distribution.png``
 (per-case Dice per method) and ``examples.png`` (fixed, moving, warped, deformation grid and score map for a few
-cases) when matplotlib is installed.
+cases) when matplotlib is installed; with ``--adacs-scoring``, ``scores.md`` / ``scores.csv``: the scoring network's
+mean score S = g(fixed) per fixed-image label (0 = outside the labels), i.e. where it down-weights the data term.
 
 Example:
     python scripts/compare_methods.py --dataset-dir /work/prepared/acdc --out /work/runs/compare_acdc \\
@@ -256,6 +257,40 @@ def write_tables(table: list[dict], rows: list[dict], out: Path, title: str, ref
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def score_by_label(pairs: list[dict], scoring: torch.nn.Module) -> list[dict]:
+    """Mean score S = g(fixed) inside each label of the fixed image (0 = outside the labels): per label, the mean and
+    std over pairs of the per-pair region mean, the pairs containing the label, and the mean over all its pixels."""
+    per_label: dict[int, list[tuple[float, int]]] = {}
+    with torch.no_grad():
+        for pair in pairs:
+            score = scoring(pair["fixed"][None])[0, 0]
+            label = pair["fixed_label"][0]
+            for value in torch.unique(label).tolist():
+                region = score[label == value]
+                per_label.setdefault(int(value), []).append((float(region.mean()), region.numel()))
+    table = []
+    for value in sorted(per_label):
+        means = np.array([m for m, _ in per_label[value]])
+        counts = np.array([n for _, n in per_label[value]])
+        table.append({"label": value, "pairs": len(means), "score_mean": float(means.mean()),
+                      "score_std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
+                      "score_pixel_mean": float((means * counts).sum() / counts.sum())})
+    return table
+
+
+def write_score_table(table: list[dict], out: Path, title: str) -> None:
+    """scores.csv and scores.md."""
+    with (out / "scores.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    lines = [f"# {title}: mean score S = g(fixed) per fixed-image label", "",
+             "| label | pairs | S, mean ± std over pairs | S, mean over pixels |", "|---|---|---|---|"]
+    lines += [f"| {r['label']}{' (outside the labels)' if r['label'] == 0 else ''} | {r['pairs']} | "
+              f"{r['score_mean']:.3f} ± {r['score_std']:.3f} | {r['score_pixel_mean']:.3f} |" for r in table]
+    (out / "scores.md").write_text("\n".join(lines) + "\n")
+
+
 def make_figures(pairs: list[dict], rows: list[dict], fields: dict, out: Path, label: int, scoring: torch.nn.Module | None,
                  num_examples: int = 3) -> list[Path]:
     """Per-case Dice distributions and example panels; returns the files written (none without matplotlib)."""
@@ -328,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vxm", default=None, help="VoxelMorph-MSE model.pt (flat state dict) or training checkpoint")
     parser.add_argument("--adacs", default=None, help="AdaCS model.pt (flat state dict) or training checkpoint")
-    parser.add_argument("--adacs-scoring", default=None, help="AdaCS scoring_model.pt (for the score maps)")
+    parser.add_argument("--adacs-scoring", default=None,
+                        help="AdaCS scoring_model.pt or training checkpoint: score maps and the per-label score table")
     parser.add_argument("--vxm-train-time", default="n/a")
     parser.add_argument("--adacs-train-time", default="n/a")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=MODEL.pt",
@@ -371,8 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(rows, train_times, candidate=["AdaCS", *extra_models])
     title = args.title or f"{Path(args.dataset_dir).name}, section '{args.section}', {len(pairs)} pairs"
     write_tables(table, rows, args.out, title)
+    scoring = load_network(args.adacs_scoring, scoring=True) if args.adacs_scoring else None
+    if scoring is not None:
+        write_score_table(score_by_label(pairs, scoring), args.out, title)
     if not args.no_figures:
-        scoring = load_network(args.adacs_scoring, scoring=True) if args.adacs_scoring else None
         make_figures(pairs, rows, fields, args.out, args.label, scoring)
     print((args.out / "results.md").read_text())
     return 0

@@ -143,3 +143,35 @@ def test_load_network_reads_a_training_checkpoint_as_the_flat_state_dict(tmp_pat
     torch.save({"trainer": {"epoch": 3}}, checkpoint)
     with pytest.raises(RuntimeError):  # a checkpoint without the entry is not silently half-loaded
         compare.load_network(checkpoint)
+
+
+def test_score_by_label_averages_the_score_inside_each_fixed_label():
+    """With the identity as 'scoring network', S is the fixed image: the table is its mean per label, by hand."""
+    fixed = torch.zeros(1, 8, 8)
+    label = torch.zeros(1, 8, 8, dtype=torch.long)
+    fixed[0, :4] = 0.2
+    fixed[0, 4:] = 0.6
+    label[0, 4:, :4] = 2  # 16 pixels at 0.6, the other 48 (16 at 0.6, 32 at 0.2) outside
+    other = {"fixed": torch.full((1, 8, 8), 0.5), "fixed_label": torch.zeros(1, 8, 8, dtype=torch.long)}
+    table = compare.score_by_label([{"fixed": fixed, "fixed_label": label}, other], torch.nn.Identity())
+    rows = {r["label"]: r for r in table}
+    assert set(rows) == {0, 2}
+    assert rows[2]["pairs"] == 1 and rows[2]["score_mean"] == pytest.approx(0.6)
+    outside = (16 * 0.6 + 32 * 0.2) / 48
+    assert rows[0]["pairs"] == 2
+    assert rows[0]["score_mean"] == pytest.approx((outside + 0.5) / 2)
+    assert rows[0]["score_std"] == pytest.approx(np.std([outside, 0.5], ddof=1))
+    assert rows[0]["score_pixel_mean"] == pytest.approx((48 * outside + 64 * 0.5) / 112)
+
+
+def test_scoring_network_writes_the_score_table(dataset: Path, tmp_path: Path):
+    vxm, _, score = _networks(tmp_path)
+    out = tmp_path / "cmp"
+    assert compare.main(["--dataset-dir", str(dataset), "--out", str(out), "--no-elastix", "--image-size", "32",
+                         "--vxm", vxm, "--adacs-scoring", score, "--no-figures"]) == 0
+    with (out / "scores.csv").open() as handle:
+        rows = {int(r["label"]): r for r in csv.DictReader(handle)}
+    assert 0 in rows and 2 in rows and rows[0]["pairs"] == "6"
+    assert all(0.0 < float(r["score_mean"]) < 1.0 for r in rows.values())  # a sigmoid output
+    assert "| 2 | " in (out / "scores.md").read_text()
+    assert not (out / "examples.png").exists()
