@@ -21,9 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def scripted_engine(epochs: list[list[float]]) -> Engine:
     """An engine whose iteration outputs are the given mean scores, one list per epoch."""
     flat = [score for epoch in epochs for score in epoch]
-    engine = Engine(lambda engine, batch: {"mean_score": flat[engine.state.iteration - 1]})
-    engine.epoch_length = len(epochs[0])
-    return engine
+    return Engine(lambda engine, batch: {"mean_score": flat[engine.state.iteration - 1]})
 
 
 def run_scripted(epochs: list[list[float]], caplog) -> tuple[Engine, list[str]]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 from ignite.engine import Engine, Events
+
+from .trainer import loss_terms
 
 
 def epoch_mean_score(values: list[float]) -> float:
@@ -50,14 +51,11 @@ class ScoreSaturationMonitor:
         self._epoch_scores = []
 
     def _record(self, engine: Engine) -> None:
-        output: Any = engine.state.output
-        item = output[0] if isinstance(output, list) else output
-        if isinstance(item, dict) and "mean_score" in item:
-            self._epoch_scores.append(float(item["mean_score"]))
+        self._epoch_scores.append(loss_terms(engine.state.output).get("mean_score", math.nan))
 
     def _check(self, engine: Engine) -> None:
         mean_score = epoch_mean_score(self._epoch_scores)
-        if getattr(engine.state, "score_saturation_epoch", None) is not None or not mean_score >= self.threshold:
+        if engine.state.score_saturation_epoch is not None or not mean_score >= self.threshold:
             return
         engine.state.score_saturation_epoch = engine.state.epoch
         self.logger.warning(
