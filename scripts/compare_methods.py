@@ -81,14 +81,16 @@ def load_pairs(dataset_dir: str, datalist: str | None, section: str, image_size:
     return pairs
 
 
-def load_network(path: str | Path, scoring: bool = False) -> torch.nn.Module:
+def load_network(path: str | Path, scoring: bool = False, score_headroom: float = 0.0) -> torch.nn.Module:
     """The bundle's displacement (or scoring) network from ``path``: a flat state dict (``model.pt``) or a training
     checkpoint (``checkpoint_final.pt``, ``checkpoint_epoch=N.pt``: its ``displacement_network`` or
-    ``scoring_network`` entry), e.g. to evaluate final weights as the paper does."""
+    ``scoring_network`` entry), e.g. to evaluate final weights as the paper does. ``score_headroom``: the value the
+    scoring network was trained with."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
+    parser["score_headroom"] = score_headroom
     network = parser.get_parsed_content("scoring_network_def" if scoring else "network_def", instantiate=True)
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     entry = "scoring_network" if scoring else "displacement_network"
@@ -365,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adacs", default=None, help="AdaCS model.pt (flat state dict) or training checkpoint")
     parser.add_argument("--adacs-scoring", default=None,
                         help="AdaCS scoring_model.pt or training checkpoint: score maps and the per-label score table")
+    parser.add_argument("--score-headroom", type=float, default=0.0,
+                        help="the score_headroom the --adacs-scoring network was trained with (default 0: the paper)")
     parser.add_argument("--vxm-train-time", default="n/a")
     parser.add_argument("--adacs-train-time", default="n/a")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=MODEL.pt",
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(rows, train_times, candidate=["AdaCS", *extra_models])
     title = args.title or f"{Path(args.dataset_dir).name}, section '{args.section}', {len(pairs)} pairs"
     write_tables(table, rows, args.out, title)
-    scoring = load_network(args.adacs_scoring, scoring=True) if args.adacs_scoring else None
+    scoring = load_network(args.adacs_scoring, scoring=True, score_headroom=args.score_headroom) if args.adacs_scoring else None
     if scoring is not None:
         write_score_table(score_by_label(pairs, scoring), args.out, title)
     if not args.no_figures:

@@ -64,6 +64,7 @@ class Plan:
     extra: list[str]
     threads: int
     force: bool = False
+    score_headroom: float | None = None
 
 
 class RunFailed(RuntimeError):
@@ -98,6 +99,8 @@ def adacs_command(plan: Plan, run_dir: Path, seed: int, baseline_dir: Path) -> l
             "--motion_warmup_epochs", str(plan.motion_warmup), "--scoring_warmup_epochs", str(plan.scoring_warmup)]
     if plan.alpha is not None:
         args += ["--alpha", str(plan.alpha)]
+    if plan.score_headroom is not None:
+        args += ["--score_headroom", str(plan.score_headroom)]
     return _bundle_command(plan, run_dir, seed, *args)
 
 
@@ -175,6 +178,8 @@ def compare_seed(args: argparse.Namespace, out: Path, seed: int, times: tuple[st
                "--adacs-scoring", str(seed_dir / "adacs" / "models" / "scoring_model.pt"),
                "--vxm-train-time", times[0], "--adacs-train-time", times[1],
                "--image-size", str(args.image_size), "--label", str(args.label)]
+    if args.score_headroom is not None:
+        command += ["--score-headroom", str(args.score_headroom)]
     if args.no_elastix:
         command.append("--no-elastix")
     if args.no_figures:
@@ -202,7 +207,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(bundle=args.bundle, dataset_config=dataset_config, dataset_dir=args.dataset_dir,
                 motion_warmup=pick("motion_warmup"), scoring_warmup=pick("scoring_warmup"), joint=pick("joint"),
                 lr=pick("lr"), scoring_lr=pick("scoring_lr"), alpha=alpha, extra=extra, threads=args.threads,
-                force=args.force)
+                force=args.force, score_headroom=args.score_headroom)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -221,6 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="displacement-network learning rate")
     parser.add_argument("--scoring-lr", type=float, default=None, help="scoring-network learning rate")
     parser.add_argument("--alpha", type=float, default=None, help="AdaCS alpha (default: the schedule's)")
+    parser.add_argument("--score-headroom", type=float, default=None,
+                        help="AdaCS score_headroom (default: the config's 0, the paper's sigmoid)")
     parser.add_argument("--bundle-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra bundle override for both trainings, e.g. epoch_length=100 (repeatable)")
     parser.add_argument("--bundle", type=Path, default=REPO / "bundle", help="bundle root (default: the repository's)")

@@ -175,3 +175,18 @@ def test_scoring_network_writes_the_score_table(dataset: Path, tmp_path: Path):
     assert all(0.0 < float(r["score_mean"]) < 1.0 for r in rows.values())  # a sigmoid output
     assert "| 2 | " in (out / "scores.md").read_text()
     assert not (out / "examples.png").exists()
+
+
+def test_score_headroom_reaches_the_score_table(dataset: Path, tmp_path: Path):
+    """--score-headroom builds the scoring network with the headroom it was trained with: S scales by 1 + h."""
+    vxm, _, score = _networks(tmp_path)
+    means = {}
+    for headroom in (0.0, 0.5):
+        out = tmp_path / f"cmp_{headroom}"
+        assert compare.main(["--dataset-dir", str(dataset), "--out", str(out), "--no-elastix", "--image-size", "32",
+                             "--vxm", vxm, "--adacs-scoring", score, "--score-headroom", str(headroom),
+                             "--no-figures"]) == 0
+        with (out / "scores.csv").open() as handle:
+            means[headroom] = {int(r["label"]): float(r["score_mean"]) for r in csv.DictReader(handle)}
+    for label, mean in means[0.0].items():
+        assert means[0.5][label] == pytest.approx(1.5 * mean, rel=1e-4)

@@ -81,6 +81,18 @@ def test_paper_schedule_gives_equal_displacement_epochs(prepared: Path, tmp_path
     assert (adacs["epochs"], adacs["motion_warmup_epochs"], adacs["scoring_warmup_epochs"]) == ("340", "20", "20")
     assert float(vxm["learning_rate"]) == float(adacs["learning_rate"]) == 1e-4
     assert "alpha" not in adacs  # the dataset config's (paper) value
+    assert "score_headroom" not in adacs  # the paper's sigmoid unless asked
+
+
+def test_score_headroom_reaches_the_adacs_training_and_its_score_table(prepared: Path, tmp_path: Path, monkeypatch):
+    args = experiment.parse_args(_args(prepared, tmp_path / "exp", "--score-headroom", "0.05"))
+    plan = experiment.make_plan(args)
+    assert "score_headroom" not in _options(experiment.baseline_command(plan, tmp_path / "v", 0))
+    assert _options(experiment.adacs_command(plan, tmp_path / "a", 0, tmp_path / "v"))["score_headroom"] == "0.05"
+    commands = []
+    monkeypatch.setattr(experiment, "run_logged", lambda command, *rest: commands.append(command))
+    experiment.compare_seed(args, tmp_path / "exp", 0, ("1 min", "2 min"), None)
+    assert _options(commands[0])["score-headroom"] == "0.05"
 
 
 def test_unprepared_folder_is_named(tmp_path: Path):

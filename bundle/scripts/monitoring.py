@@ -4,6 +4,7 @@ Once the scores are 1 everywhere, the sigmoid's gradient S (1 - S) vanishes, the
 and AdaCS trains exactly as VoxelMorph-MSE (with another pair order) for the rest of the run. On real data this
 happened with the paper's alpha 0.02 on ACDC in several seeds, within one or two scoring epochs
 (``docs/results_real_data.md``). Nothing in the loss curves shows it, so the monitor says it in the log.
+``score_headroom > 0`` (``scripts.networks.ScoringNet``) prevents it.
 MONAI has no handler for this; it is ours.
 """
 
@@ -60,6 +61,7 @@ class ScoreSaturationMonitor:
         engine.state.score_saturation_epoch = engine.state.epoch
         self.logger.warning(
             f"Epoch {engine.state.epoch}: the scores have saturated (mean S = {mean_score:.4f} >= {self.threshold}). "
-            "The sigmoid's gradient vanishes there, so AdaCS now trains as VoxelMorph-MSE and will not recover. "
-            "Lower alpha (e.g. 0.01 on min-max normalised cine MRI) or scoring_learning_rate."
+            "With the paper's sigmoid (score_headroom 0) its gradient vanishes there, so AdaCS now trains as "
+            "VoxelMorph-MSE and will not recover. Set score_headroom (e.g. 0.05; not the paper's) or lower alpha "
+            "(e.g. 0.01 on min-max normalised cine MRI) or scoring_learning_rate."
         )

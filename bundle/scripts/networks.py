@@ -2,7 +2,8 @@
 
 * :class:`DiffeomorphicVoxelMorph`: the displacement estimator f_theta (the paper's 2D VoxelMorph,
   "vxm-1" features, stationary velocity integrated by scaling and squaring at half resolution).
-* :class:`ScoringNet`: the scoring estimator g_phi (the same UNet trunk, one input channel, sigmoid).
+* :class:`ScoringNet`: the scoring estimator g_phi (the same UNet trunk, one input channel, sigmoid; optionally
+  with headroom above 1, :func:`score_from_logits`).
 
 The network contract (what ``network_def`` in ``inference.yaml`` promises, see ``metadata.json``):
 ``net(image)`` with ``image`` of shape ``(B, 2, H, W)`` (channel 0 moving, channel 1 fixed) returns the
@@ -131,8 +132,24 @@ def registration_fields(network: nn.Module, image: torch.Tensor) -> Registration
     return RegistrationFields(ddf, None, ddf)
 
 
+def score_from_logits(logits: torch.Tensor, headroom: float = 0.0) -> torch.Tensor:
+    """S = (1 + headroom) * sigmoid(logits); ``headroom = 0`` is the paper's sigmoid (see :class:`ScoringNet`)."""
+    return (1.0 + headroom) * torch.sigmoid(logits)
+
+
 class ScoringNet(nn.Module):
-    """Scoring estimator g_phi: a separate VoxelMorph UNet, one input image, sigmoid output in (0, 1).
+    """Scoring estimator g_phi: a separate VoxelMorph UNet, one input image, sigmoid output (paper: in (0, 1)).
+
+    ``S = (1 + headroom) * sigmoid(z)`` for the UNet's logit ``z``. ``headroom = 0`` is the paper: S in (0, 1), and
+    S = 1 (the target of the pull term) lies at z = +inf, so wherever the residual is near zero the logit grows
+    without bound; once the sigmoid saturates its gradient S (1 - S) vanishes and the network cannot come back
+    (``docs/results_real_data.md``: 3 of 6 ACDC seeds at the paper's alpha). ``headroom > 0`` (ours, not the
+    paper's) puts S = 1 at the finite logit ln(1 / headroom), where the sigmoid still has slope, and makes
+    overshooting it cost something; the loss's optimum S* = 1 - r^2 / (2 alpha) is unchanged and lies in (0, 1],
+    so scores above 1 (at most ``1 + headroom``) only appear while training moves through them.
+
+    Like ``int_steps`` of the displacement network, ``headroom`` is a setting, not a weight: build the network with
+    the value it was trained with (``score_headroom`` in the configs) to read its score maps.
 
     The head keeps PyTorch's default init, so scores start near 0.5 (as in the reference code).
     """
@@ -142,12 +159,16 @@ class ScoringNet(nn.Module):
         in_channels: int = 1,
         channels: Sequence[int] = VXM1_CHANNELS,
         final_conv_channels: Sequence[int] = VXM1_FINAL_CHANNELS,
+        headroom: float = 0.0,
     ) -> None:
         super().__init__()
+        if headroom < 0:
+            raise ValueError(f"headroom must be >= 0 (0 is the paper's sigmoid), got {headroom}.")
         self.unet = _vxm1_unet(in_channels, 1, channels, final_conv_channels)
+        self.headroom = float(headroom)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.unet(image))
+        return score_from_logits(self.unet(image), self.headroom)
 
 
 class ZeroDisplacement(nn.Module):
