@@ -4,7 +4,8 @@ Once the scores are 1 everywhere, the sigmoid's gradient S (1 - S) vanishes, the
 and AdaCS trains exactly as VoxelMorph-MSE (with another pair order) for the rest of the run. On real data this
 happened with the paper's alpha 0.02 on ACDC in several seeds, within one or two scoring epochs
 (``docs/results_real_data.md``). Nothing in the loss curves shows it, so the monitor says it in the log.
-``score_headroom > 0`` (``scripts.networks.ScoringNet``) prevents it.
+``score_headroom > 0`` (``scripts.networks.ScoringNet``, not the paper's) puts S = 1 at a finite logit; on ACDC it
+kept the seeds that saturate with the paper's sigmoid from saturating.
 MONAI has no handler for this; it is ours.
 """
 
