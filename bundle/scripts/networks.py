@@ -147,7 +147,7 @@ class ScoringNet(nn.Module):
     paper's) puts S = 1 at the finite logit ln(1 / headroom), where the sigmoid still has slope, and makes
     overshooting it cost something; the loss's optimum S* = 1 - r^2 / (2 alpha) is unchanged and lies in (0, 1].
     A network does not reach it exactly, so a few scores end above 1 (at most ``1 + headroom``; on ACDC with 0.05,
-    1-3 % of the pixels, max 1.03).
+    1-13 % of the pixels, max 1.04).
 
     Like ``int_steps`` of the displacement network, ``headroom`` is a setting, not a weight: build the network with
     the value it was trained with (``score_headroom`` in the configs) to read its score maps.
