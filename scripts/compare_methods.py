@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(rows, train_times, candidate=["AdaCS", *extra_models])
     title = args.title or f"{Path(args.dataset_dir).name}, section '{args.section}', {len(pairs)} pairs"
     write_tables(table, rows, args.out, title)
-    scoring = load_network(args.adacs_scoring, scoring=True, score_headroom=args.score_headroom) if args.adacs_scoring else None
+    scoring = None
+    if args.adacs_scoring:
+        scoring = load_network(args.adacs_scoring, scoring=True, score_headroom=args.score_headroom)
     if scoring is not None:
         write_score_table(score_by_label(pairs, scoring), args.out, title)
     if not args.no_figures:

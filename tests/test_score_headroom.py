@@ -1,4 +1,5 @@
-"""Score headroom (ours, not the paper's): S = (1 + h) sigmoid(z) puts the pull term's target S = 1 at a finite logit."""
+"""Score headroom (ours, not the paper's): S = (1 + h) sigmoid(z) puts the pull term's target S = 1 at a finite
+logit."""
 
 from __future__ import annotations
 
