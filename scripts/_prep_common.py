@@ -107,10 +107,12 @@ def write_pair(pair: PairSlices, out_dir: Path) -> dict[str, str]:
 
 
 def split_patients(
-    patients: Sequence[str], groups: dict[str, str] | None, num_val: int, num_test: int, seed: int = 0
+    patients: Sequence[str], groups: dict[str, str] | None, num_val: int, num_test: int, seed: int = 0, fold: int = 0
 ) -> dict[str, str]:
     """Patient -> section. Shuffled (seeded) within each group and dealt round-robin over the groups, so the
-    validation and test parts are stratified by group when groups are known."""
+    validation and test parts are stratified by group when groups are known. ``fold`` k takes the test part from
+    the k-th block of ``num_test`` patients of that order (the validation part follows it, wrapping round), so
+    folds 0, 1, ... of one seed test disjoint patients: a cross-validation. Fold 0 is the plain split."""
     by_group: dict[str, list[str]] = defaultdict(list)
     for patient in sorted(patients):
         by_group[(groups or {}).get(patient, "all")].append(patient)
@@ -129,6 +131,13 @@ def split_patients(
         raise SystemExit(
             f"error: {len(order)} patients cannot give {num_val} validation + {num_test} test patients and keep some for training."
         )
+    if fold:
+        if num_test <= 0 or not 0 <= fold * num_test < len(order):
+            folds = -(-len(order) // num_test) if num_test > 0 else 1
+            raise SystemExit(f"error: fold {fold} does not exist: {len(order)} patients in blocks of {num_test} test "
+                             f"patients give folds 0-{folds - 1}.")
+        start = fold * num_test
+        order = order[start:] + order[:start]
     sections = {}
     for i, patient in enumerate(order):
         sections[patient] = "testing" if i < num_test else "validation" if i < num_test + num_val else "training"

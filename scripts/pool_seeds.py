@@ -9,6 +9,11 @@ each ``results.md``); one paired t-test of the per-slice Dice averaged over the 
 so the test is not inflated by counting the same slices once per seed: it asks whether the gain holds across test
 slices); and, with three or more seeds, a paired t-test of the per-seed mean Dice with the number of seeds the
 candidate wins (it asks whether the gain holds across training seeds, on this fixed test set).
+
+With ``--folds`` the runs are cross-validation folds (``prepare_acdc.py --fold k``): each tested other patients,
+so instead of averaging a slice over runs, every method's slices of all folds are put together (each slice once;
+a case in two folds is an error), the table gains the mean over all slices, and the per-slice paired t-test runs
+over all of them; the per-run test then asks whether the gain holds across folds (training and test sets).
 """
 
 from __future__ import annotations
@@ -62,6 +67,18 @@ def seed_averaged_dice(runs: list[dict], method: str) -> dict[str, float]:
     return {c: float(np.mean([p[c]["dice"] for p in per_seed])) for c in cases}
 
 
+def concatenated_dice(runs: list[dict], method: str) -> dict[str, float]:
+    """Per-slice Dice of all folds that have the method, put together; the folds must test disjoint cases."""
+    joined: dict[str, float] = {}
+    for fold, run in enumerate(runs):
+        for case, values in run.get(method, {}).items():
+            if case in joined:
+                raise ValueError(f"case {case} is in more than one fold (run {fold + 1}): "
+                                 "folds must test disjoint cases")
+            joined[case] = values["dice"]
+    return joined
+
+
 def across_seeds(differences: list[float]) -> tuple[float, float, int, int]:
     """Mean of the per-seed Dice differences, one-sample t-test p against 0 (= paired t-test of the per-seed means;
     NaN below three seeds), number of seeds and number the candidate wins."""
@@ -71,8 +88,8 @@ def across_seeds(differences: list[float]) -> tuple[float, float, int, int]:
     return mean, p, len(finite), int((finite > 0).sum())
 
 
-def pool(runs: list[dict], reference: str, candidate: str) -> dict:
-    """Per-seed and seed-mean metrics per method, and the candidate-vs-reference tests."""
+def pool(runs: list[dict], reference: str, candidate: str, folds: bool = False) -> dict:
+    """Per-seed and seed-mean metrics per method, and the candidate-vs-reference tests (``folds``: see the module)."""
     methods = list(dict.fromkeys(m for run in runs for m in run))
     table = []
     for method in methods:
@@ -81,13 +98,16 @@ def pool(runs: list[dict], reference: str, candidate: str) -> dict:
         table.append({"method": method, "seeds": len(seeds), "per_seed_dice": per_seed["dice"],
                       **{f"{m}_mean": float(np.mean(v)) for m, v in per_seed.items()},
                       "dice_seed_std": float(np.std(per_seed["dice"], ddof=1)) if len(seeds) > 1 else 0.0})
+        if folds:
+            table[-1]["dice_all_slices"] = _finite_mean(list(concatenated_dice(runs, method).values()))
     tests = {}
     if reference in methods and candidate in methods:
         both = [run for run in runs if reference in run and candidate in run]
         tests["per_seed"] = [paired(*({c: v["dice"] for c, v in run[m].items()} for m in (candidate, reference))) for run in both]
-        tests["seed_averaged"] = paired(seed_averaged_dice(both, candidate), seed_averaged_dice(both, reference))
+        per_slice = concatenated_dice if folds else seed_averaged_dice
+        tests["seed_averaged"] = paired(per_slice(both, candidate), per_slice(both, reference))
         tests["across_seeds"] = across_seeds([diff for diff, _, _ in tests["per_seed"]])
-    return {"table": table, "tests": tests, "reference": reference, "candidate": candidate}
+    return {"table": table, "tests": tests, "reference": reference, "candidate": candidate, "folds": folds}
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -95,12 +115,16 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 
 def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
-    lines = [f"Seeds pooled: {len(run_dirs)} ({', '.join(run_dirs)})", "",
-             "| Method | Dice per seed (%) | Dice, mean of seeds (%) | std over seeds | HD (px) | ASD (px) | Folding (%) |",
-             "|---|---|---|---|---|---|---|"]
+    folds = pooled.get("folds", False)
+    unit = "fold" if folds else "seed"
+    lines = [f"{unit.capitalize()}s pooled: {len(run_dirs)} ({', '.join(run_dirs)})", "",
+             f"| Method | Dice per {unit} (%) | Dice, mean of {unit}s (%) | std over {unit}s | "
+             + ("Dice, all slices (%) | " if folds else "") + "HD (px) | ASD (px) | Folding (%) |",
+             "|---|---|---|---|" + ("---|" if folds else "") + "---|---|---|"]
     for e in pooled["table"]:
         lines.append(f"| {e['method']} | {' / '.join(_fmt(d) for d in e['per_seed_dice'])} | {_fmt(e['dice_mean'])} | "
-                     f"{_fmt(e['dice_seed_std'])} | {_fmt(e['hd_mean'])} | {_fmt(e['asd_mean'])} | {_fmt(e['folding_mean'], 3)} |")
+                     f"{_fmt(e['dice_seed_std'])} | " + (f"{_fmt(e['dice_all_slices'])} | " if folds else "")
+                     + f"{_fmt(e['hd_mean'])} | {_fmt(e['asd_mean'])} | {_fmt(e['folding_mean'], 3)} |")
     tests = pooled["tests"]
     if tests:
         name = f"{pooled['candidate']} - {pooled['reference']}"
@@ -108,11 +132,14 @@ def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
         for seed, (diff, p, n) in enumerate(tests["per_seed"]):
             lines.append(f"| run {seed + 1} | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
         diff, p, n = tests["seed_averaged"]
-        lines.append(f"| per-slice Dice averaged over the runs | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
+        label = "all slices of all folds" if folds else "per-slice Dice averaged over the runs"
+        lines.append(f"| {label} | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
         diff, p, n, wins = tests["across_seeds"]
         if n >= 3:
             lines += ["", f"Across the {n} runs: {pooled['candidate']} ahead in {wins}, mean difference {diff:+.2f}, "
-                      f"paired t-test of the per-run means p = {_fmt(p, 3)} (training-seed spread on this test set)."]
+                      f"paired t-test of the per-run means p = {_fmt(p, 3)} "
+                      + ("(across folds: other training and test patients)." if folds
+                         else "(training-seed spread on this test set).")]
     return "\n".join(lines) + "\n"
 
 
@@ -121,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", help="compare_methods.py output folders, one per seed")
     parser.add_argument("--reference", default="VoxelMorph-MSE")
     parser.add_argument("--candidate", default="AdaCS")
+    parser.add_argument("--folds", action="store_true",
+                        help="the runs are cross-validation folds (disjoint test cases): test over all their slices")
     parser.add_argument("--out", help="also write the Markdown here")
     args = parser.parse_args(argv)
     try:
@@ -128,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    text = to_markdown(pool(runs, args.reference, args.candidate), args.run_dirs)
+    try:
+        text = to_markdown(pool(runs, args.reference, args.candidate, args.folds), args.run_dirs)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)

@@ -16,14 +16,14 @@ pool_seeds = load_repo_script("pool_seeds")
 CASES = [f"slice{i}" for i in range(6)]
 
 
-def write_run(folder, dice_by_method: dict[str, list[float]]) -> str:
+def write_run(folder, dice_by_method: dict[str, list[float]], cases: list[str] = CASES) -> str:
     """A compare_methods.py-like folder whose per_slice.csv has the given Dice per case (HD = 2 x Dice / 100)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "per_slice.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "case", "dice", "hd", "asd", "folding"])
         for method, dice in dice_by_method.items():
-            for case, value in zip(CASES, dice):
+            for case, value in zip(cases, dice):
                 writer.writerow([method, case, value, 2 * value / 100, 1.0, 0.0])
     return str(folder)
 
@@ -123,3 +123,36 @@ def test_two_seeds_report_no_test_across_seeds(two_seeds):
     pooled = pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS")
     assert math.isnan(pooled["tests"]["across_seeds"][1])
     assert "Across the" not in pool_seeds.to_markdown(pooled, dirs)
+
+
+def test_folds_put_the_slices_of_all_folds_together(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    dirs, vxm_all, adacs_all, fold_diffs = [], [], [], []
+    for fold in range(3):
+        cases = [f"patient{fold}_slice{i}" for i in range(4 + fold)]  # folds of unequal size
+        vxm = rng.uniform(70, 90, len(cases))
+        adacs = vxm + rng.normal(0.3, 0.5, len(cases))
+        dirs.append(write_run(tmp_path / f"fold{fold}", {"VoxelMorph-MSE": list(vxm), "AdaCS": list(adacs)}, cases))
+        vxm_all += list(vxm)
+        adacs_all += list(adacs)
+        fold_diffs.append(float((adacs - vxm).mean()))
+    pooled = pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS", folds=True)
+    diff, p, n = pooled["tests"]["seed_averaged"]
+    assert n == 4 + 5 + 6
+    assert diff == pytest.approx(np.mean(adacs_all) - np.mean(vxm_all))
+    assert p == pytest.approx(stats.ttest_rel(adacs_all, vxm_all).pvalue)
+    adacs_row = next(e for e in pooled["table"] if e["method"] == "AdaCS")
+    assert adacs_row["dice_all_slices"] == pytest.approx(np.mean(adacs_all))  # slice-weighted, not the mean of folds
+    assert adacs_row["dice_all_slices"] != pytest.approx(adacs_row["dice_mean"], abs=1e-9)
+    mean, p_folds, n_folds, wins = pooled["tests"]["across_seeds"]
+    assert n_folds == 3 and mean == pytest.approx(np.mean(fold_diffs))
+    assert p_folds == pytest.approx(stats.ttest_1samp(fold_diffs, 0.0).pvalue)
+    assert pool_seeds.main([*dirs, "--folds"]) == 0
+    out = capsys.readouterr().out
+    assert "Folds pooled: 3" in out and "all slices of all folds" in out and "across folds" in out
+
+
+def test_folds_that_share_a_case_are_refused(two_seeds, capsys):
+    dirs, _ = two_seeds  # two seeds on the same test slices are not folds
+    assert pool_seeds.main([*dirs, "--folds"]) == 2
+    assert "in more than one fold" in capsys.readouterr().err

@@ -146,6 +146,45 @@ def test_acdc_hdf5_layout_axes_and_unknown_spacing(tmp_path):
     assert centre == [45, 30]  # (x, y) of the ring centre: the (z, y, x) arrays were transposed
 
 
+def test_split_folds_are_a_cross_validation():
+    """Folds 0..4 of 50 patients in 5 groups test disjoint, group-stratified blocks that cover every patient; the
+    validation block follows the test block and never overlaps it; fold 0 is the plain split."""
+    patients = [f"p{i:02d}" for i in range(50)]
+    groups = {p: f"g{i // 10}" for i, p in enumerate(patients)}
+    plain = common.split_patients(patients, groups, 5, 10, seed=3)
+    assert common.split_patients(patients, groups, 5, 10, seed=3, fold=0) == plain
+    tested = []
+    for fold in range(5):
+        sections = common.split_patients(patients, groups, 5, 10, seed=3, fold=fold)
+        test = [p for p, s in sections.items() if s == "testing"]
+        val = [p for p, s in sections.items() if s == "validation"]
+        assert len(test) == 10 and len(val) == 5 and len(sections) == 50
+        assert sorted(groups[p] for p in test) == [f"g{g}" for g in range(5) for _ in range(2)]
+        assert sorted(groups[p] for p in val) == [f"g{g}" for g in range(5)]
+        tested += test
+    assert sorted(tested) == patients
+    with pytest.raises(SystemExit, match="fold 5 does not exist.*folds 0-4"):
+        common.split_patients(patients, groups, 5, 10, seed=3, fold=5)
+
+
+def test_acdc_fold_option_moves_the_test_patients(tmp_path):
+    root = tmp_path / "acdc"
+    for i in range(1, 7):
+        _acdc_patient(root, f"patient{i:03d}", 1, 8)
+    tests = []
+    for fold in (0, 1, 2):
+        out = tmp_path / f"out{fold}"
+        assert prepare_acdc.main(["--source", str(root), "--out", str(out), "--val-patients", "1",
+                                  "--test-patients", "2", "--fold", str(fold)]) == 0
+        metadata = _read_datalist(out)["metadata"]
+        assert metadata["fold"] == fold
+        tests.append(metadata["split"]["testing"])
+    assert sorted(sum(tests, [])) == [f"patient{i:03d}" for i in range(1, 7)]
+    with pytest.raises(SystemExit, match="fold 3 does not exist"):
+        prepare_acdc.main(["--source", str(root), "--out", str(tmp_path / "bad"), "--val-patients", "1",
+                           "--test-patients", "2", "--fold", "3"])
+
+
 def test_acdc_folder_in_no_layout_and_nothing_usable(tmp_path):
     (tmp_path / "random").mkdir()
     (tmp_path / "random" / "readme.txt").write_text("x")
