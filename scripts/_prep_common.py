@@ -132,8 +132,8 @@ def split_patients(
             f"error: {len(order)} patients cannot give {num_val} validation + {num_test} test patients and keep some for training."
         )
     if fold:
-        if num_test <= 0 or not 0 <= fold * num_test < len(order):
-            folds = -(-len(order) // num_test) if num_test > 0 else 1
+        folds = -(-len(order) // num_test) if num_test > 0 else 1  # blocks of num_test patients, the last one partial
+        if not 0 <= fold < folds:
             raise SystemExit(f"error: fold {fold} does not exist: {len(order)} patients in blocks of {num_test} test "
                              f"patients give folds 0-{folds - 1}.")
         start = fold * num_test

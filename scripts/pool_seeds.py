@@ -115,7 +115,7 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 
 def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
-    folds = pooled.get("folds", False)
+    folds = pooled["folds"]
     unit = "fold" if folds else "seed"
     lines = [f"{unit.capitalize()}s pooled: {len(run_dirs)} ({', '.join(run_dirs)})", "",
              f"| Method | Dice per {unit} (%) | Dice, mean of {unit}s (%) | std over {unit}s | "
@@ -154,12 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [read_per_slice(Path(d)) for d in args.run_dirs]
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
         text = to_markdown(pool(runs, args.reference, args.candidate, args.folds), args.run_dirs)
-    except ValueError as error:
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(text, end="")
