@@ -114,6 +114,17 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _fmt_p(p: float) -> str:
+    """A p-value to three decimals; below 0.001 as "< 0.001" rather than a misleading 0.000."""
+    return "< 0.001" if math.isfinite(p) and p < 0.001 else _fmt(p, 3)
+
+
+def _p_clause(p: float) -> str:
+    """"p = 0.123" or "p < 0.001", for a sentence."""
+    text = _fmt_p(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
 def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
     folds = pooled["folds"]
     unit = "fold" if folds else "seed"
@@ -130,14 +141,14 @@ def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
         name = f"{pooled['candidate']} - {pooled['reference']}"
         lines += ["", f"| {name} (Dice) | mean difference | paired t-test p | slices |", "|---|---|---|---|"]
         for seed, (diff, p, n) in enumerate(tests["per_seed"]):
-            lines.append(f"| run {seed + 1} | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
+            lines.append(f"| {unit} {seed + 1} | {diff:+.2f} | {_fmt_p(p)} | {n} |")
         diff, p, n = tests["seed_averaged"]
         label = "all slices of all folds" if folds else "per-slice Dice averaged over the runs"
-        lines.append(f"| {label} | {diff:+.2f} | {_fmt(p, 3)} | {n} |")
+        lines.append(f"| {label} | {diff:+.2f} | {_fmt_p(p)} | {n} |")
         diff, p, n, wins = tests["across_seeds"]
         if n >= 3:
             lines += ["", f"Across the {n} runs: {pooled['candidate']} ahead in {wins}, mean difference {diff:+.2f}, "
-                      f"paired t-test of the per-run means p = {_fmt(p, 3)} "
+                      f"paired t-test of the per-run means {_p_clause(p)} "
                       + ("(across folds: other training and test patients)." if folds
                          else "(training-seed spread on this test set).")]
     return "\n".join(lines) + "\n"

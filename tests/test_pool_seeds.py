@@ -156,3 +156,19 @@ def test_folds_that_share_a_case_are_refused(two_seeds, capsys):
     dirs, _ = two_seeds  # two seeds on the same test slices are not folds
     assert pool_seeds.main([*dirs, "--folds"]) == 2
     assert "in more than one fold" in capsys.readouterr().err
+
+
+def test_tiny_p_values_print_as_below_0_001_and_fold_rows_are_named_folds(tmp_path):
+    rng = np.random.default_rng(2)
+    dirs = []
+    for fold in range(3):
+        cases = [f"patient{fold}_slice{i}" for i in range(30)]
+        vxm = rng.uniform(70, 90, len(cases))
+        dirs.append(write_run(tmp_path / f"fold{fold}", {"VoxelMorph-MSE": list(vxm), "AdaCS": list(vxm + 3.0 + rng.normal(0, 0.1, 30))}, cases))
+    pooled = pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS", folds=True)
+    assert pooled["tests"]["seed_averaged"][1] < 1e-3
+    text = pool_seeds.to_markdown(pooled, dirs)
+    assert "| all slices of all folds | +3.0" in text and "| < 0.001 | 90 |" in text
+    assert "| fold 1 |" in text and "| run 1 |" not in text
+    assert "0.000 |" not in text.split("| AdaCS - VoxelMorph-MSE")[1]  # no p-value printed as 0.000
+    assert "per-run means p < 0.001" in text
