@@ -99,7 +99,9 @@ def pool(runs: list[dict], reference: str, candidate: str, folds: bool = False) 
                       **{f"{m}_mean": float(np.mean(v)) for m, v in per_seed.items()},
                       "dice_seed_std": float(np.std(per_seed["dice"], ddof=1)) if len(seeds) > 1 else 0.0})
         if folds:
-            table[-1]["dice_all_slices"] = _finite_mean(list(concatenated_dice(runs, method).values()))
+            all_slices = [d for d in concatenated_dice(runs, method).values() if math.isfinite(d)]
+            table[-1]["dice_all_slices"] = _finite_mean(all_slices)
+            table[-1]["dice_all_slices_std"] = float(np.std(all_slices, ddof=1)) if len(all_slices) > 1 else math.nan
     tests = {}
     if reference in methods and candidate in methods:
         both = [run for run in runs if reference in run and candidate in run]
@@ -130,11 +132,11 @@ def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
     unit = "fold" if folds else "seed"
     lines = [f"{unit.capitalize()}s pooled: {len(run_dirs)} ({', '.join(run_dirs)})", "",
              f"| Method | Dice per {unit} (%) | Dice, mean of {unit}s (%) | std over {unit}s | "
-             + ("Dice, all slices (%) | " if folds else "") + "HD (px) | ASD (px) | Folding (%) |",
+             + ("Dice, all slices (%, ± std over slices) | " if folds else "") + "HD (px) | ASD (px) | Folding (%) |",
              "|---|---|---|---|" + ("---|" if folds else "") + "---|---|---|"]
     for e in pooled["table"]:
         lines.append(f"| {e['method']} | {' / '.join(_fmt(d) for d in e['per_seed_dice'])} | {_fmt(e['dice_mean'])} | "
-                     f"{_fmt(e['dice_seed_std'])} | " + (f"{_fmt(e['dice_all_slices'])} | " if folds else "")
+                     f"{_fmt(e['dice_seed_std'])} | " + (f"{_fmt(e['dice_all_slices'])} ± {_fmt(e['dice_all_slices_std'])} | " if folds else "")
                      + f"{_fmt(e['hd_mean'])} | {_fmt(e['asd_mean'])} | {_fmt(e['folding_mean'], 3)} |")
     tests = pooled["tests"]
     if tests:

@@ -144,6 +144,7 @@ def test_folds_put_the_slices_of_all_folds_together(tmp_path, capsys):
     adacs_row = next(e for e in pooled["table"] if e["method"] == "AdaCS")
     assert adacs_row["dice_all_slices"] == pytest.approx(np.mean(adacs_all))  # slice-weighted, not the mean of folds
     assert adacs_row["dice_all_slices"] != pytest.approx(adacs_row["dice_mean"], abs=1e-9)
+    assert adacs_row["dice_all_slices_std"] == pytest.approx(np.std(adacs_all, ddof=1))  # over slices, as compare_methods.py
     mean, p_folds, n_folds, wins = pooled["tests"]["across_seeds"]
     assert n_folds == 3 and mean == pytest.approx(np.mean(fold_diffs))
     assert p_folds == pytest.approx(stats.ttest_1samp(fold_diffs, 0.0).pvalue)
