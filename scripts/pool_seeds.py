@@ -12,8 +12,9 @@ candidate wins (it asks whether the gain holds across training seeds, on this fi
 
 With ``--folds`` the runs are cross-validation folds (``prepare_acdc.py --fold k``): each tested other patients,
 so instead of averaging a slice over runs, every method's slices of all folds are put together (each slice once;
-a case in two folds is an error), the table gains the mean over all slices, and the per-slice paired t-test runs
+a case in two folds is an error), the table gains the mean ± std over all slices, and the per-slice paired t-test runs
 over all of them; the per-run test then asks whether the gain holds across folds (training and test sets).
+Rows of the per-run tests are named by the shortest distinguishing end of each folder's path ("fold0/table").
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def pool(runs: list[dict], reference: str, candidate: str, folds: bool = False) 
             table[-1]["dice_all_slices_std"] = float(np.std(all_slices, ddof=1)) if len(all_slices) > 1 else math.nan
     tests = {}
     if reference in methods and candidate in methods:
-        both = [run for run in runs if reference in run and candidate in run]
+        tested = [i for i, run in enumerate(runs) if reference in run and candidate in run]
+        both = [runs[i] for i in tested]
+        tests["runs"] = tested
         tests["per_seed"] = [paired(*({c: v["dice"] for c, v in run[m].items()} for m in (candidate, reference))) for run in both]
         per_slice = concatenated_dice if folds else seed_averaged_dice
         tests["seed_averaged"] = paired(per_slice(both, candidate), per_slice(both, reference))
@@ -127,6 +130,16 @@ def _p_clause(p: float) -> str:
     return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
+def short_names(run_dirs: list[str]) -> list[str]:
+    """The fewest trailing path parts that tell the folders apart ("fold0/table_best", ...), to label their rows."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return list(run_dirs)
+
+
 def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
     folds = pooled["folds"]
     unit = "fold" if folds else "seed"
@@ -142,15 +155,16 @@ def to_markdown(pooled: dict, run_dirs: list[str]) -> str:
     if tests:
         name = f"{pooled['candidate']} - {pooled['reference']}"
         lines += ["", f"| {name} (Dice) | mean difference | paired t-test p | slices |", "|---|---|---|---|"]
-        for seed, (diff, p, n) in enumerate(tests["per_seed"]):
-            lines.append(f"| {unit} {seed + 1} | {diff:+.2f} | {_fmt_p(p)} | {n} |")
+        names = short_names(run_dirs)
+        for index, (diff, p, n) in zip(tests["runs"], tests["per_seed"]):
+            lines.append(f"| {names[index]} | {diff:+.2f} | {_fmt_p(p)} | {n} |")
         diff, p, n = tests["seed_averaged"]
         label = "all slices of all folds" if folds else "per-slice Dice averaged over the runs"
         lines.append(f"| {label} | {diff:+.2f} | {_fmt_p(p)} | {n} |")
         diff, p, n, wins = tests["across_seeds"]
         if n >= 3:
-            lines += ["", f"Across the {n} runs: {pooled['candidate']} ahead in {wins}, mean difference {diff:+.2f}, "
-                      f"paired t-test of the per-run means {_p_clause(p)} "
+            lines += ["", f"Across the {n} {unit}s: {pooled['candidate']} ahead in {wins}, mean difference {diff:+.2f}, "
+                      f"paired t-test of the per-{unit} means {_p_clause(p)} "
                       + ("(across folds: other training and test patients)." if folds
                          else "(training-seed spread on this test set).")]
     return "\n".join(lines) + "\n"

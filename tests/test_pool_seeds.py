@@ -170,6 +170,17 @@ def test_tiny_p_values_print_as_below_0_001_and_fold_rows_are_named_folds(tmp_pa
     assert pooled["tests"]["seed_averaged"][1] < 1e-3
     text = pool_seeds.to_markdown(pooled, dirs)
     assert "| all slices of all folds | +3.0" in text and "| < 0.001 | 90 |" in text
-    assert "| fold 1 |" in text and "| run 1 |" not in text
+    assert "| fold0 |" in text and "| fold2 |" in text and "| run 1 |" not in text  # rows named by folder
     assert "0.000 |" not in text.split("| AdaCS - VoxelMorph-MSE")[1]  # no p-value printed as 0.000
-    assert "per-run means p < 0.001" in text
+    assert "Across the 3 folds" in text and "per-fold means p < 0.001" in text
+
+
+def test_rows_are_named_by_the_folder_and_skip_a_run_without_the_candidate(tmp_path):
+    base = [80.0, 82.0, 75.0, 90.0, 70.0, 85.0]
+    jitter = [0.1, -0.1, 0.05, -0.05, 0.2, -0.2]  # mean 0: the mean differences are exactly +1 and -1
+    dirs = [write_run(tmp_path / "a" / "table", {"VoxelMorph-MSE": base, "AdaCS": [v + 1 + j for v, j in zip(base, jitter)]}),
+            write_run(tmp_path / "b" / "table", {"VoxelMorph-MSE": base}),
+            write_run(tmp_path / "c" / "table", {"VoxelMorph-MSE": base, "AdaCS": [v - 1 + j for v, j in zip(base, jitter)]})]
+    assert pool_seeds.short_names(dirs) == ["a/table", "b/table", "c/table"]
+    text = pool_seeds.to_markdown(pool_seeds.pool([pool_seeds.read_per_slice(d) for d in dirs], "VoxelMorph-MSE", "AdaCS"), dirs)
+    assert "| a/table | +1.00 |" in text and "| c/table | -1.00 |" in text and "| b/table |" not in text
