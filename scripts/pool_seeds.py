@@ -126,8 +126,7 @@ def _fmt_p(p: float) -> str:
 
 def _p_clause(p: float) -> str:
     """"p = 0.123" or "p < 0.001", for a sentence."""
-    text = _fmt_p(p)
-    return f"p {text}" if text.startswith("<") else f"p = {text}"
+    return "p < 0.001" if math.isfinite(p) and p < 0.001 else f"p = {_fmt(p, 3)}"
 
 
 def short_names(run_dirs: list[str]) -> list[str]:

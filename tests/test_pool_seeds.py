@@ -159,7 +159,7 @@ def test_folds_that_share_a_case_are_refused(two_seeds, capsys):
     assert "in more than one fold" in capsys.readouterr().err
 
 
-def test_tiny_p_values_print_as_below_0_001_and_fold_rows_are_named_folds(tmp_path):
+def test_tiny_p_values_print_as_below_0_001_and_fold_rows_are_named_by_folder(tmp_path):
     rng = np.random.default_rng(2)
     dirs = []
     for fold in range(3):
