@@ -17,8 +17,9 @@ For each seed N, under --out (the commands are those in the header of ``bundle/c
 * ``pooled.md`` (two or more seeds): ``pool_seeds.py``.
 
 Each run folder keeps ``cmd.sh`` (the exact command), ``train.log`` and ``timing.json``; a run with ``models/model.pt``
-and ``timing.json`` is not trained again (``--force`` retrains), so an interrupted experiment resumes where it
-stopped. A failed seed is reported with its log and the others go on; the exit code is non-zero if any failed.
+and ``timing.json`` is not trained again (``--force`` retrains), and an interrupted run continues from its last epoch
+checkpoint (``progress.json`` records the attempts), so an interrupted experiment resumes where it stopped. A failed
+seed is reported with its log and the others go on; the exit code is non-zero if any failed.
 
 ``--schedule cpu`` (default) is the 2-core CPU recipe of the shipped weights: 20 motion + 1 scoring warm-up + 10
 joint epochs, displacement lr 1e-3, scoring lr 1e-4, alpha 0.01 (ACDC) / 0.04 (CAMUS). ``--schedule paper`` is the
@@ -110,9 +111,9 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_logged(command: list[str], cwd: Path, log: Path, threads: int) -> None:
+def run_logged(command: list[str], cwd: Path, log: Path, threads: int, append: bool = False) -> None:
     """Run a command with its output in ``log``; raise RunFailed naming the log if it fails."""
-    with open(log, "w") as handle:
+    with open(log, "a" if append else "w") as handle:
         result = subprocess.run(command, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=_env(threads))
     if result.returncode != 0:
         raise RunFailed(f"exit code {result.returncode}: see {log}")
@@ -122,18 +123,64 @@ def _trained(run_dir: Path) -> bool:
     return (run_dir / "models" / "model.pt").is_file() and (run_dir / "timing.json").is_file()
 
 
+def latest_epoch_checkpoint(models: Path) -> tuple[int, Path] | None:
+    """The run's last epoch checkpoint (epoch, path), or None before its first epoch ended."""
+    found = []
+    for path in models.glob("checkpoint_epoch=*.pt"):
+        epoch = path.stem.split("=", 1)[1]
+        if epoch.isdigit():
+            found.append((int(epoch), path))
+    return max(found) if found else None
+
+
+def resume_from(command: list[str], checkpoint: Path) -> list[str]:
+    """The same training continued from ``checkpoint`` (replacing the branch point of a branched run)."""
+    if "--resume_checkpoint" in command:
+        at = command.index("--resume_checkpoint")
+        return [*command[: at + 1], str(checkpoint.resolve()), *command[at + 2 :]]
+    return [*command, "--resume_checkpoint", str(checkpoint.resolve())]
+
+
+def _work_seconds_at(attempts: list[dict], moment: float) -> float | None:
+    """Training seconds spent when the wall clock read ``moment``, summed over the attempts (None: before them)."""
+    for attempt in reversed(attempts):
+        if attempt["started"] <= moment:
+            return attempt["seconds_before"] + moment - attempt["started"]
+    return None
+
+
 def train(plan: Plan, run_dir: Path, command: list[str], branch_epoch_file: Path | None = None) -> dict:
-    """Train one run (unless already trained) and return its timing.json content."""
+    """Train one run (unless already trained) and return its timing.json content.
+
+    An interrupted run continues from its last epoch checkpoint (the bundle keeps its best-model selection, see
+    ``scripts/checkpoints.py``); its time is the sum of the attempts, each counted up to its last checkpoint.
+    """
     if _trained(run_dir) and not plan.force:
         return json.loads((run_dir / "timing.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    progress = run_dir / "progress.json"
+    attempts = json.loads(progress.read_text())["attempts"] if progress.is_file() else []
+    latest = None if plan.force else latest_epoch_checkpoint(run_dir / "models")
+    if latest is None:
+        attempts, done = [], 0.0
+    else:
+        command = resume_from(command, latest[1])
+        done = _work_seconds_at(attempts, latest[1].stat().st_mtime) or 0.0
+        print(f"{run_dir}: resuming an interrupted training from {latest[1].name}", file=sys.stderr)
+    started = time.time()
+    attempts.append({"started": started, "seconds_before": round(done, 1),
+                     "resumed_from_epoch": None if latest is None else latest[0]})
+    progress.write_text(json.dumps({"attempts": attempts}, indent=1))
     (run_dir / "cmd.sh").write_text(f"cd {shlex.quote(str(plan.bundle.resolve()))}\nOMP_NUM_THREADS={plan.threads} "
                                     + shlex.join(command) + "\n")
-    started = time.time()
-    run_logged(command, plan.bundle, run_dir / "train.log", plan.threads)
-    timing = {"seconds": round(time.time() - started, 1)}
+    run_logged(command, plan.bundle, run_dir / "train.log", plan.threads, append=latest is not None)
+    timing = {"seconds": round(done + time.time() - started, 1)}
+    if len(attempts) > 1:
+        timing["attempts"] = len(attempts)
     if branch_epoch_file is not None and branch_epoch_file.is_file():
-        timing["seconds_to_branch_checkpoint"] = round(branch_epoch_file.stat().st_mtime - started, 1)
+        to_branch = _work_seconds_at(attempts, branch_epoch_file.stat().st_mtime)
+        if to_branch is not None:
+            timing["seconds_to_branch_checkpoint"] = round(to_branch, 1)
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
     return timing
 

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,10 +234,11 @@ def test_cli_training_writes_the_bundle_outputs(cli_training):
     parser.parse()
     parser.get_parsed_content("network_def").load_state_dict(state)
     ScoringNet().load_state_dict(torch.load(ckpt / "scoring_model.pt", weights_only=True))
-    # the resumable checkpoint: both networks, both optimizers, the trainer (epoch, momentum), no pickled objects
+    # the resumable checkpoint: both networks, both optimizers, the trainer (epoch, momentum), the best-model
+    # selection behind model.pt; no pickled objects
     checkpoint = torch.load(ckpt / "checkpoint_final.pt", weights_only=True)
     assert set(checkpoint) == {
-        "displacement_network", "scoring_network", "displacement_optimizer", "scoring_optimizer", "trainer"
+        "displacement_network", "scoring_network", "displacement_optimizer", "scoring_optimizer", "trainer", "best_model"
     }
     assert checkpoint["trainer"]["iteration"] == 8 and checkpoint["trainer"]["epoch_length"] == 4
     assert "momentum" in checkpoint["trainer"]["smoothness_weight_state"]
@@ -279,6 +281,38 @@ def test_cli_resume_continues_from_the_checkpoint(cli_training):
     assert [g["lr"] for g in original["displacement_optimizer"]["param_groups"]] == [0.001]
     assert [g["lr"] for g in checkpoint["displacement_optimizer"]["param_groups"]] == [0.0005]
     assert [g["lr"] for g in checkpoint["scoring_optimizer"]["param_groups"]] == [0.0002]
+    # a checkpoint from another folder branches off: model.pt is chosen among the new run's own epochs
+    assert (resumed_ckpt / "model.pt").is_file() and (resumed_ckpt / "scoring_model.pt").is_file()
+    assert checkpoint["best_model"]["best_metric_epoch"] == 3
+
+
+def epoch_metric(log: str, epoch: int, name: str = "val_mean_dice") -> float:
+    line = next(line for line in log.splitlines() if f"Epoch[{epoch}] Metrics" in line)
+    return float(line.split(f"{name}: ")[1].split()[0])
+
+
+def test_cli_resume_in_its_own_folder_keeps_the_best_model(cli_training):
+    """Continuing a run in its ckpt_dir keeps model.pt the best of all its epochs, not the first resumed one."""
+    root, _ = cli_training
+    ckpt = root / "continued"
+    shutil.copytree(root / "models", ckpt)
+    before = torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=True)["best_model"]
+    best_model = torch.load(ckpt / "model.pt", weights_only=True)
+    assert before["best_metric_epoch"] in (1, 2) and 0 < before["best_metric"] <= 1
+    # a learning rate that wrecks the network makes the resumed epoch worse than the best so far
+    result = run_cli(
+        "--config_file", "configs/train.yaml", *CLI_TRAIN[2:], "--epochs", "3", "--learning_rate", "100",
+        "--resume_checkpoint", str(ckpt / "checkpoint_epoch=2.pt"), "--ckpt_dir", str(ckpt),
+        "--output_dir", str(root / "continued_eval"),
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert epoch_metric(log, 3) < before["best_metric"] - 1e-3, "the test needs a worse resumed epoch"
+    kept = torch.load(ckpt / "model.pt", weights_only=True)
+    assert all(torch.equal(kept[key], best_model[key]) for key in best_model)
+    after = torch.load(ckpt / "checkpoint_final.pt", weights_only=True)["best_model"]
+    assert (after["best_metric"], after["best_metric_epoch"]) == (before["best_metric"], before["best_metric_epoch"])
+    assert f"best value: {before['best_metric']}" in log  # the evaluator's best is restored too
 
 
 def read_csv(path: Path) -> list[list[str]]:

@@ -148,6 +148,50 @@ def test_tiny_two_seed_experiment_end_to_end_and_resume(prepared: Path, tmp_path
     assert logs == {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/train.log")}
 
 
+def test_resume_from_replaces_the_branch_point_or_adds_one(tmp_path: Path):
+    last = tmp_path / "models" / "checkpoint_epoch=7.pt"
+    branched = ["python", "--resume_checkpoint", "/vxm/checkpoint_epoch=20.pt", "--epochs", "50"]
+    assert experiment.resume_from(branched, last) == ["python", "--resume_checkpoint", str(last.resolve()), "--epochs", "50"]
+    assert experiment.resume_from(["python", "--epochs", "5"], last)[-2:] == ["--resume_checkpoint", str(last.resolve())]
+
+
+def test_latest_epoch_checkpoint_is_the_highest_epoch(tmp_path: Path):
+    assert experiment.latest_epoch_checkpoint(tmp_path) is None
+    for name in ("checkpoint_epoch=9.pt", "checkpoint_epoch=10.pt", "checkpoint_final.pt", "checkpoint_epoch=x.pt"):
+        (tmp_path / name).touch()
+    assert experiment.latest_epoch_checkpoint(tmp_path) == (10, tmp_path / "checkpoint_epoch=10.pt")
+
+
+def test_an_interrupted_training_continues_from_its_last_epoch(prepared: Path, tmp_path: Path):
+    out = tmp_path / "exp"
+    argv = _args(prepared, out, "--motion-warmup", "1", "--scoring-warmup", "1", "--joint", "1", "--image-size", "32",
+                 "--no-figures", "--no-elastix", "--bundle-arg", "epoch_length=2", "--bundle-arg", "batch_size=2",
+                 "--bundle-arg", "image_size=[32,32]")
+    plan = experiment.make_plan(experiment.parse_args(argv))
+    vxm = out / "seed0" / "vxm"
+    # the baseline killed after its first epoch: one epoch checkpoint, no timing.json
+    plan.joint = 0
+    experiment.train(plan, vxm, experiment.baseline_command(plan, vxm, 0))
+    (vxm / "timing.json").unlink()
+    (vxm / "models" / "checkpoint_final.pt").unlink()
+    first_log = (vxm / "train.log").read_text()
+    assert "Epoch[1] Complete" in first_log and "Epoch[2] Complete" not in first_log
+
+    assert experiment.main(argv) == 0, (vxm / "train.log").read_text()[-3000:]
+    log = (vxm / "train.log").read_text()
+    assert log.startswith(first_log)  # the log goes on
+    resumed = log[len(first_log):]
+    assert "checkpoint_epoch=1.pt" in resumed and "Epoch[2] Complete" in resumed and "Epoch[1] Complete" not in resumed
+    attempts = json.loads((vxm / "progress.json").read_text())["attempts"]
+    assert [a["resumed_from_epoch"] for a in attempts] == [None, 1]
+    timing = json.loads((vxm / "timing.json").read_text())
+    assert timing["attempts"] == 2 and timing["seconds"] > attempts[1]["seconds_before"] > 0
+    assert 0 < timing["seconds_to_branch_checkpoint"] <= attempts[1]["seconds_before"]
+    # AdaCS branched from the baseline's warm-up as usual (the continued run's model.pt selection: test_configs.py)
+    assert "vxm/models/checkpoint_epoch=1.pt" in (out / "seed0" / "adacs" / "cmd.sh").read_text()
+    assert (out / "seed0" / "table" / "results.md").is_file()
+
+
 def test_script_runs_as_a_file():
     import subprocess
 
