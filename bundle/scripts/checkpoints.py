@@ -36,14 +36,8 @@ class BestModelTracking:
         return None if saver is None else getattr(saver, "_key_metric_checkpoint", None)
 
     def state_dict(self) -> dict:
-        savers = []
-        for saver in self.savers:
-            tracker = self._tracker(saver)
-            if tracker is None:
-                savers.append(None)
-            else:  # ignite's {"_saved": [(priority, filename), ...]}, as lists: loadable with weights_only=True
-                savers.append({key: [list(item) for item in items] for key, items in tracker.state_dict().items()})
-        state: dict = {"savers": savers}
+        trackers = [self._tracker(saver) for saver in self.savers]  # ignite's {"_saved": [(priority, filename)]}
+        state: dict = {"savers": [None if tracker is None else dict(tracker.state_dict()) for tracker in trackers]}
         if self.evaluator is not None:
             state["best_metric"] = float(self.evaluator.state.best_metric)
             state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
@@ -57,7 +51,7 @@ class BestModelTracking:
             )
         for saver, state in zip(self.savers, saved):
             if state is not None and self._tracker(saver) is not None:
-                saver.load_state_dict({k: [tuple(item) for item in v] for k, v in state.items()})
+                saver.load_state_dict(state)
         if self.evaluator is not None and "best_metric" in state_dict:
             self.evaluator.state.best_metric = state_dict["best_metric"]
             self.evaluator.state.best_metric_epoch = state_dict["best_metric_epoch"]
