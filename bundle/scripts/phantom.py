@@ -11,12 +11,18 @@ Every pair is generated from its index and a base seed (deterministic, nothing t
   vanishes (through-plane motion), and in ``echo`` mode a fan-shaped sector with multiplicative speckle and a
   signal dropout that affects one frame only.
 
+Cine mode (``cardiac_phantom_cine``): the same ED anatomy moved through a whole cycle ED -> ES -> ED by an analytic
+Lagrangian motion (``CineMotion``: area-preserving LV contraction, twist, RV contraction, breathing, a small smooth
+random field, all following a phase curve), rendered by inverting the motion per frame; ``true_lagrangian`` and its
+analytic gradient give the exact strains (``true_strain``).
+
 Conventions: images (1, H, W) in [0, 1] (min-max per image, background exactly 0); ``true_ddf`` (2, H, W) in
 pixels, pull convention as MONAI ``Warp``: ``fixed(x) ~ moving(x + true_ddf(x))``, channel i along axis i.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -29,11 +35,17 @@ MODES = ("cine", "echo", "mixed")
 LABEL_NAMES = {1: "RV", 2: "MYO", 3: "LV"}
 
 
-def _irregular_radius(rng: np.random.Generator, theta: np.ndarray, base: float, wobble: float) -> np.ndarray:
+def _irregular_shape(rng: np.random.Generator, base: float, wobble: float) -> tuple[float, float, list[float]]:
+    """Draw the phases of a circle with a few smooth random harmonics (see ``_shape_radius``)."""
+    return base, wobble, [rng.uniform(0, 2 * np.pi) for _ in (2, 3, 4)]
+
+
+def _shape_radius(shape: tuple[float, float, list[float]], theta: np.ndarray) -> np.ndarray:
     """Radius as a function of angle: a circle with a few smooth random harmonics."""
+    base, wobble, phases = shape
     radius = np.full_like(theta, base)
-    for k in (2, 3, 4):
-        radius += base * wobble / k * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    for k, phase in zip((2, 3, 4), phases):
+        radius += base * wobble / k * np.cos(k * theta + phase)
     return radius
 
 
@@ -42,32 +54,54 @@ def _polar(yy: np.ndarray, xx: np.ndarray, centre: Sequence[float]) -> tuple[np.
     return np.hypot(dy, dx), np.arctan2(dy, dx)
 
 
-def _ed_anatomy(rng: np.random.Generator, size: int) -> dict:
-    """Random ED geometry (pixels) and its label map."""
+def _ed_geometry(rng: np.random.Generator, size: int) -> dict:
+    """Draw the random ED geometry (pixels): centres and the endo-, epicardial and RV contours."""
     s = size / 128.0
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     lv_centre = (size / 2 + rng.uniform(-6, 6) * s, size / 2 + rng.uniform(-4, 8) * s)
-    r, theta = _polar(yy, xx, lv_centre)
-    endo = _irregular_radius(rng, theta, rng.uniform(13, 19) * s, 0.06)
-    epi = endo + _irregular_radius(rng, theta, rng.uniform(5.5, 8.5) * s, 0.10)
+    endo = _irregular_shape(rng, rng.uniform(13, 19) * s, 0.06)
+    thickness = _irregular_shape(rng, rng.uniform(5.5, 8.5) * s, 0.10)
+    rv_centre = (lv_centre[0] + rng.uniform(-4, 4) * s, lv_centre[1] - rng.uniform(19, 24) * s)
+    rv = _irregular_shape(rng, rng.uniform(15, 20) * s, 0.08)
+    return {
+        "size": size, "lv_centre": lv_centre, "endo": endo, "thickness": thickness, "rv_centre": rv_centre, "rv": rv
+    }
+
+
+def _geometry_labels(
+    geometry: dict, yy: np.ndarray, xx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluate the ED geometry at arbitrary points: labels (uint8), body mask, endo and epi radius at each angle."""
+    size = geometry["size"]
+    s = size / 128.0
+    r, theta = _polar(yy, xx, geometry["lv_centre"])
+    endo = _shape_radius(geometry["endo"], theta)
+    epi = endo + _shape_radius(geometry["thickness"], theta)
     body = ((yy - size / 2) / (0.44 * size)) ** 2 + ((xx - size / 2) / (0.47 * size)) ** 2 <= 1.0
     # RV: a crescent hugging the septum on the left of the LV
-    rv_centre = (lv_centre[0] + rng.uniform(-4, 4) * s, lv_centre[1] - rng.uniform(19, 24) * s)
-    rv_r, rv_theta = _polar(yy, xx, rv_centre)
-    rv = (rv_r <= _irregular_radius(rng, rv_theta, rng.uniform(15, 20) * s, 0.08)) & (r > epi + 1.5 * s)
-    labels = np.zeros((size, size), np.uint8)
+    rv_r, rv_theta = _polar(yy, xx, geometry["rv_centre"])
+    rv = (rv_r <= _shape_radius(geometry["rv"], rv_theta)) & (r > epi + 1.5 * s)
+    labels = np.zeros(np.shape(yy), np.uint8)
     labels[rv] = 1
     labels[(r > endo) & (r <= epi)] = 2
     labels[r <= endo] = 3
     labels[~body] = 0
+    return labels, body, endo, epi
+
+
+def _ed_anatomy(rng: np.random.Generator, size: int) -> dict:
+    """Random ED geometry (pixels) and its label map."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    geometry = _ed_geometry(rng, size)
+    labels, body, endo, epi = _geometry_labels(geometry, yy, xx)
     return {
         "labels": labels,
         "body": body,
-        "lv_centre": lv_centre,
-        "rv_centre": rv_centre,
+        "lv_centre": geometry["lv_centre"],
+        "rv_centre": geometry["rv_centre"],
         "endo_mean": float(endo.mean()),
         "epi_mean": float(epi.mean()),
         "grid": (yy, xx),
+        "geometry": geometry,
     }
 
 
@@ -238,3 +272,377 @@ class CardiacPhantomd(MapTransform):
 def phantom_datalist(num_pairs: int, first_index: int = 0) -> list[dict[str, int]]:
     """Datalist of phantom indices ``first_index .. first_index + num_pairs - 1``."""
     return [{"phantom_index": first_index + i} for i in range(num_pairs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cine mode: a whole cardiac cycle with the true Lagrangian field of every frame
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cycle_phase(num_frames: int, es_index: int) -> np.ndarray:
+    """Contraction phase p(t) of frames 0..T-1: a raised cosine from 0 (ED) to 1 (ES, frame ``es_index``), then a
+    slower raised-cosine return that reaches 0 at frame T (the next ED); smooth (zero slope) at ED and ES."""
+    t = np.arange(num_frames, dtype=np.float64)
+    systole = 0.5 * (1.0 - np.cos(np.pi * t / es_index))
+    diastole = 0.5 * (1.0 + np.cos(np.pi * (t - es_index) / (num_frames - es_index)))
+    return np.where(t <= es_index, systole, diastole)
+
+
+def _smoothstep(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """3x^2 - 2x^3 clipped to [0, 1] and its derivative."""
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x), 6.0 * x * (1.0 - x)
+
+
+@dataclass(frozen=True)
+class CineMotion:
+    """The cine phantom's motion, analytic and Lagrangian (ED reference), in pixels.
+
+    Frame t moves the tissue at X (ED) to X + U_t(X), U_t the sum of, scaled by the phase p(t) (``phase``):
+
+    * LV contraction about ``lv_centre``: X at radius R goes to radius r(R) = R - d(R) phi(R) with
+      d = R - sqrt(R^2 - s q(R)), s = p * ``shift``. On the myocardium (``inner_radius`` <= R <= ``outer_radius``,
+      q = phi = 1) r^2 = R^2 - s: every annulus keeps its area, so the wall thickens. Inside, q = 1 - (1 - R^2 /
+      inner_radius^2)^k shrinks the cavity smoothly (C1, monotone for k s < inner_radius^2); outside,
+      phi = exp(-((R - outer_radius) / ``outer_decay``)^2) lets the pull fade;
+    * a twist: rotation about ``lv_centre`` by p * ``twist`` * exp(-(R / ``twist_radius``)^2) (area-preserving);
+    * an RV contraction towards ``rv_centre``: -p * ``rv_strength`` * exp(-|X - rc|^2 / ``rv_radius``^2) (X - rc),
+      switched off on and near the LV (smoothstep of R from ``outer_radius`` to ``outer_radius + rv_ramp``);
+    * a breathing translation ``breath[t] * breathing`` (breath = sin^2(pi t / T): 0 at ED, largest mid-cycle);
+    * a small smooth random field: p * sum_m A_im sin(k_m . X + phase_im).
+
+    ``displacement`` evaluates U_t and its Jacobian dU_i/dX_j at arbitrary points; ``eulerian`` inverts the motion
+    on the frame-t grid (Newton).
+    """
+
+    lv_centre: tuple[float, float]
+    rv_centre: tuple[float, float]
+    inner_radius: float
+    outer_radius: float
+    shift: float
+    ramp_power: float
+    outer_decay: float
+    twist: float
+    twist_radius: float
+    rv_strength: float
+    rv_radius: float
+    rv_ramp: float
+    breathing: tuple[float, float]
+    wave_vectors: np.ndarray  # (M, 2) rad / px
+    wave_amplitudes: np.ndarray  # (2, M) px at ES
+    wave_phases: np.ndarray  # (2, M)
+    phase: np.ndarray  # (T,)
+    breath: np.ndarray  # (T,)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.phase)
+
+    def _radial_profile(self, radius: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+        """h(R) = d(R) phi(R) (inward radial displacement) and h'(R)."""
+        x2 = np.minimum((radius / self.inner_radius) ** 2, 1.0)
+        k = self.ramp_power
+        q = 1.0 - (1.0 - x2) ** k
+        dq = 2.0 * k * (1.0 - x2) ** (k - 1.0) * radius / self.inner_radius**2  # 0 for R >= inner_radius
+        w = np.sqrt(radius**2 - s * q)
+        d = s * q / (radius + w)  # = R - w, exactly 0 for s = 0
+        dd = 1.0 - (radius - 0.5 * s * dq) / w
+        excess = np.maximum(radius - self.outer_radius, 0.0)
+        phi = np.exp(-((excess / self.outer_decay) ** 2))
+        dphi = -2.0 * excess / self.outer_decay**2 * phi
+        return d * phi, dd * phi + d * dphi
+
+    def displacement(self, frame: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """U_t at ``points`` (2, ...) (pixels, ED coordinates) -> U (2, ...) and J = dU_i/dX_j (2, 2, ...)."""
+        p, b = float(self.phase[frame]), float(self.breath[frame])
+        points = np.asarray(points, np.float64)
+        eye = np.eye(2).reshape((2, 2) + (1,) * (points.ndim - 1))
+        # LV contraction and twist: P = c + g(R) Rot(alpha(R)) v, g = 1 - h / R
+        v = points - np.reshape(self.lv_centre, (2,) + (1,) * (points.ndim - 1))
+        radius = np.maximum(np.hypot(v[0], v[1]), 1e-9)
+        h, dh = self._radial_profile(radius, p * self.shift)
+        g = 1.0 - h / radius
+        dg = (h - dh * radius) / radius**2
+        gauss = np.exp(-((radius / self.twist_radius) ** 2))
+        alpha = p * self.twist * gauss
+        dalpha = -2.0 * radius / self.twist_radius**2 * alpha
+        cos, sin = np.cos(alpha), np.sin(alpha)
+        rot_v = np.stack([cos * v[0] + sin * v[1], cos * v[1] - sin * v[0]])
+        rot_perp_v = np.stack([cos * v[1] - sin * v[0], -cos * v[0] - sin * v[1]])  # d(Rot v) / d alpha
+        u = (cos - 1.0) * v + sin * np.stack([v[1], -v[0]]) - (h / radius) * rot_v  # Rot v - v - (h / R) Rot v
+        rot = np.stack([np.stack([cos, sin]), np.stack([-sin, cos])])
+        jac = g * rot - eye
+        jac = jac + (dg / radius) * rot_v[:, None] * v[None] + (g * dalpha / radius) * rot_perp_v[:, None] * v[None]
+        # RV contraction towards its centre, off on the LV
+        w = points - np.reshape(self.rv_centre, (2,) + (1,) * (points.ndim - 1))
+        bump = np.exp(-(w[0] ** 2 + w[1] ** 2) / self.rv_radius**2)
+        ramp, dramp = _smoothstep((radius - self.outer_radius) / self.rv_ramp)
+        f = p * self.rv_strength * bump * ramp
+        grad_bump = -2.0 * w / self.rv_radius**2 * bump
+        grad_f = p * self.rv_strength * (grad_bump * ramp + bump * dramp / self.rv_ramp * v / radius)
+        u = u - f * w
+        jac = jac - f * eye - w[:, None] * grad_f[None]
+        # breathing and the smooth random field
+        u = u + b * np.reshape(self.breathing, (2,) + (1,) * (points.ndim - 1))
+        for m, k in enumerate(self.wave_vectors):
+            arg = k[0] * points[0] + k[1] * points[1]
+            sin_arg, cos_arg = np.sin(arg), np.cos(arg)
+            for i in range(2):
+                amplitude, shift = p * self.wave_amplitudes[i, m], self.wave_phases[i, m]
+                u[i] = u[i] + amplitude * (sin_arg * np.cos(shift) + cos_arg * np.sin(shift))
+                wave_cos = amplitude * (cos_arg * np.cos(shift) - sin_arg * np.sin(shift))
+                jac[i, 0] = jac[i, 0] + wave_cos * k[0]
+                jac[i, 1] = jac[i, 1] + wave_cos * k[1]
+        return u, jac
+
+    def lagrangian(self, frame: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """U_t and dU/dX on the ED pixel grid: (2, size, size), (2, 2, size, size)."""
+        return self.displacement(frame, np.mgrid[0:size, 0:size].astype(np.float64))
+
+    def eulerian(
+        self,
+        frame: int,
+        size: int,
+        on_grid: tuple[np.ndarray, np.ndarray] | None = None,
+        tol: float = 1e-8,
+        max_iter: int = 60,
+    ) -> tuple[np.ndarray, float]:
+        """The pull field on the frame-t grid, ``frame_t(x) = ED(x + e(x))``: Newton on X + U_t(X) = x from X = x.
+
+        ``on_grid``: ``lagrangian(frame, size)`` if already computed (the first Newton step needs it). Returns e
+        (2, size, size) and the largest residual |X + U_t(X) - x| in pixels (every point ends below ``tol``)."""
+        x = np.mgrid[0:size, 0:size].reshape(2, -1).astype(np.float64)
+        X = x.copy()
+        u, jac = on_grid if on_grid is not None else self.lagrangian(frame, size)
+        u, jac = u.reshape(2, -1), jac.reshape(2, 2, -1)
+        active = np.arange(x.shape[1])  # points not converged yet
+        worst = 0.0
+        for _ in range(max_iter):
+            res = X[:, active] + u - x[:, active]
+            error = np.hypot(res[0], res[1])
+            keep = error >= tol
+            worst = max(worst, float(error[~keep].max(initial=0.0)))
+            active, res, jac = active[keep], res[:, keep], jac[:, :, keep]
+            if not active.size:
+                break
+            a, b, c, d = 1.0 + jac[0, 0], jac[0, 1], jac[1, 0], 1.0 + jac[1, 1]
+            step = -np.stack([d * res[0] - b * res[1], a * res[1] - c * res[0]]) / (a * d - b * c)
+            norm = np.hypot(step[0], step[1])
+            X[:, active] += step * np.minimum(1.0, 2.0 / np.maximum(norm, 1e-12))  # at most 2 px per step
+            u, jac = self.displacement(frame, X[:, active])
+        else:
+            res = X[:, active] + u - x[:, active]
+            worst = max(worst, float(np.hypot(res[0], res[1]).max()))
+        return (X - x).reshape(2, size, size), worst
+
+
+def _cine_motion_from(rng: np.random.Generator, anatomy: dict, size: int, num_frames: int, es_index: int) -> CineMotion:
+    """Draw the cine motion's parameters for an ED anatomy (strains in the healthy range of docs/strain.md)."""
+    s = size / 128.0
+    c = anatomy["lv_centre"]
+    theta = np.linspace(-np.pi, np.pi, 3601)
+    endo = _shape_radius(anatomy["geometry"]["endo"], theta)
+    epi = endo + _shape_radius(anatomy["geometry"]["thickness"], theta)
+    inner, outer = float(endo.min()) - 0.5, float(epi.max()) + 0.5  # the whole myocardium lies in between
+    ejection = rng.uniform(0.64, 0.76)  # ES cavity radius at `inner` = sqrt(1 - ejection) of its ED radius
+    shift = ejection * inner**2
+    ramp_power = 0.5 * (1.0 + 1.0 / ejection)  # in (1, 1 / ejection): C1 and monotone
+    twist = np.deg2rad(rng.uniform(-6.0, 6.0))
+    rv_strength = rng.uniform(0.25, 0.40)
+    breathing = tuple(rng.uniform(-1.5, 1.5, size=2) * s)
+    num_waves = 2
+    angles = rng.uniform(0, 2 * np.pi, num_waves)
+    wave_numbers = 2 * np.pi / (rng.uniform(50.0, 80.0, num_waves) * s)
+    wave_vectors = np.stack([np.sin(angles), np.cos(angles)], axis=1) * wave_numbers[:, None]
+    wave_amplitudes = rng.uniform(0.1, 0.25, (2, num_waves)) * s
+    wave_phases = rng.uniform(0, 2 * np.pi, (2, num_waves))
+    t = np.arange(num_frames, dtype=np.float64)
+    return CineMotion(
+        lv_centre=tuple(float(v) for v in c),
+        rv_centre=tuple(float(v) for v in anatomy["rv_centre"]),
+        inner_radius=inner,
+        outer_radius=outer,
+        shift=float(shift),
+        ramp_power=float(ramp_power),
+        outer_decay=14.0 * s,
+        twist=float(twist),
+        twist_radius=anatomy["epi_mean"] + 6.0 * s,
+        rv_strength=float(rv_strength),
+        rv_radius=24.0 * s,
+        rv_ramp=10.0 * s,
+        breathing=tuple(float(v) for v in breathing),
+        wave_vectors=wave_vectors,
+        wave_amplitudes=wave_amplitudes,
+        wave_phases=wave_phases,
+        phase=cycle_phase(num_frames, es_index),
+        breath=np.sin(np.pi * t / num_frames) ** 2,
+    )
+
+
+def _check_cine_arguments(size: int, num_frames: int, mode: str, es_fraction: float) -> int:
+    """Validate, return es_index = round(es_fraction * T) kept inside 1..T-2."""
+    if mode not in MODES:
+        raise ValueError(f"phantom mode must be one of {MODES}, got {mode!r}.")
+    if size % 16:
+        raise ValueError(f"phantom size must be a multiple of 16 (the UNet pools 3x and integrates at 1/2), got {size}.")
+    if num_frames < 3:
+        raise ValueError(f"a cine needs at least 3 frames (ED, ES, one more), got {num_frames}.")
+    if not 0.0 < es_fraction < 1.0:
+        raise ValueError(f"es_fraction must lie in (0, 1), got {es_fraction}.")
+    return int(min(max(round(es_fraction * num_frames), 1), num_frames - 2))
+
+
+def _cine_setup(index: int, seed: int, size: int, num_frames: int, es_index: int):
+    """The random stream, ED anatomy (the same as ``cardiac_phantom_pair``'s for this index/seed) and motion."""
+    rng = np.random.default_rng([seed, index])
+    anatomy = _ed_anatomy(rng, size)
+    return rng, anatomy, _cine_motion_from(rng, anatomy, size, num_frames, es_index)
+
+
+def cine_motion(
+    index: int, seed: int = 0, size: int = 128, num_frames: int = 20, es_fraction: float = 0.35
+) -> CineMotion:
+    """The analytic motion of ``cardiac_phantom_cine(index, seed, size, num_frames, ..., es_fraction)`` (any mode)."""
+    es_index = _check_cine_arguments(size, num_frames, "cine", es_fraction)
+    return _cine_setup(index, seed, size, num_frames, es_index)[2]
+
+
+def cardiac_phantom_cine(
+    index: int,
+    seed: int = 0,
+    size: int = 128,
+    num_frames: int = 20,
+    mode: str = "cine",
+    es_fraction: float = 0.35,
+    *,
+    noise: bool = True,
+) -> dict[str, np.ndarray]:
+    """A synthetic cardiac cycle ED -> ES -> back towards ED, with the true Lagrangian field of every frame.
+
+    The ED anatomy (and ED labels) are those of ``cardiac_phantom_pair(index, seed, size, mode)``; the motion is
+    :class:`CineMotion` (``cine_motion`` rebuilds it). Frame t is the ED tissue image pulled through the Eulerian
+    inverse of the motion, with per-frame noise and what has no correspondence: a blood-pool intensity change
+    following the phase, two papillary muscles fading in during systole, a vessel fading out (through-plane);
+    ``echo``: a fixed fan, speckle (70 % carried by the tissue, 30 % new each frame) and a dropout in one frame.
+    ``noise=False`` leaves out the additive per-frame noise only (everything else, speckle included, is the same).
+
+    Returns (T frames, H = W = size):
+      images (T, H, W) float32 in [0, 1] (frame 0 = ED); labels (T, H, W) uint8 (1 RV, 2 MYO, 3 LV; the ED labels
+      carried by the motion); true_lagrangian (T, 2, H, W) float32 px on the ED grid (U_0 = 0); true_gradient
+      (T, 2, 2, H, W) float32 dU_i/dX_j (px/px, analytic); eulerian (T, 2, H, W) float32 pull fields on each
+      frame's grid (frame_t(x) ~ ED(x + eulerian_t(x))); inversion_residual (T,) px; outlier_mask (T, H, W) uint8;
+      phase (T,) in [0, 1]; ed_index = 0 and es_index (int); lv_centre (2,) px; endo_radius, epi_radius (mean ED
+      radii, px); inner_radius, outer_radius (the myocardial band where r^2 = R^2 - p shift holds); shift (px^2).
+    """
+    es_index = _check_cine_arguments(size, num_frames, mode, es_fraction)
+    rng, anatomy, motion = _cine_setup(index, seed, size, num_frames, es_index)
+    echo = mode == "echo" or (mode == "mixed" and index % 2 == 1)
+    s = size / 128.0
+    grid, body, ed_labels = anatomy["grid"], anatomy["body"], anatomy["labels"]
+    c = anatomy["lv_centre"]
+    base = _render(rng, ed_labels, body, echo, size)
+    cavity = ed_labels == 3
+
+    pool_factor = rng.uniform(0.8, 1.1)
+    dark = 0.75 if echo else 0.25
+    papillary = []  # (ED centre, radius on the frame grid)
+    for _ in range(2):
+        angle = rng.uniform(0, 2 * np.pi)
+        centre = np.array(c) + 0.5 * motion.inner_radius * np.array([np.sin(angle), np.cos(angle)])
+        papillary.append((centre, rng.uniform(1.8, 3.0) * s))
+    vessel_centre = (c[0] + rng.uniform(-1, 1) * 28 * s, c[1] + rng.uniform(24, 34) * s)
+    vessel = _disk(grid, vessel_centre, rng.uniform(3.0, 4.5) * s) & body & (ed_labels == 0)
+    vessel_level = 0.1 if echo else 0.95
+    noise_sigma = rng.uniform(0.015, 0.04)
+    fan = _sector(size, rng) if echo else np.ones((size, size), bool)
+    if echo:
+        tissue_speckle = ndimage.gaussian_filter(rng.rayleigh(1.0, (size, size)), sigma=0.7 * s)
+        dropout_frame = int(rng.integers(1, num_frames))
+        dropout_centre = (c[0] + rng.uniform(-10, 10) * s, c[1] + rng.choice([-1, 1]) * rng.uniform(14, 22) * s)
+        dropout = np.exp(-((grid[0] - dropout_centre[0]) ** 2 + (grid[1] - dropout_centre[1]) ** 2) / (2 * (6 * s) ** 2))
+
+    shape = (num_frames, size, size)
+    out = {
+        "images": np.zeros(shape, np.float32),
+        "labels": np.zeros(shape, np.uint8),
+        "true_lagrangian": np.zeros((num_frames, 2, size, size), np.float32),
+        "true_gradient": np.zeros((num_frames, 2, 2, size, size), np.float32),
+        "eulerian": np.zeros((num_frames, 2, size, size), np.float32),
+        "inversion_residual": np.zeros(num_frames),
+        "outlier_mask": np.zeros(shape, np.uint8),
+    }
+    for t in range(num_frames):
+        p = motion.phase[t]
+        u, jac = motion.lagrangian(t, size)
+        pull, residual = motion.eulerian(t, size, on_grid=(u, jac))
+        # what the frame shows, on the ED grid: flow changes the pool, the vessel leaves the plane
+        source = base.copy()
+        source[cavity] *= 1.0 + p * (pool_factor - 1.0)
+        source[vessel] += (1.0 - p) * (vessel_level - source[vessel])
+        image = _warp(source, pull, order=1)
+        labels, frame_body = _geometry_labels(anatomy["geometry"], grid[0] + pull[0], grid[1] + pull[1])[:2]
+        support = frame_body & fan
+        outlier = _warp(vessel.astype(np.float64), pull, order=0) > 0.5 if p > 0.1 else np.zeros((size, size), bool)
+        # papillary muscles appear in systole, where the tissue has carried them
+        visible = float(np.clip((p - 0.3) / 0.4, 0.0, 1.0))
+        for centre, radius in papillary:
+            moved = centre + motion.displacement(t, centre)[0]
+            blob = _disk(grid, moved, radius) & (labels == 3)
+            image[blob] += visible * (dark - image[blob])
+            outlier |= blob & (visible > 0)
+        if echo:
+            carried = _warp(tissue_speckle, pull, order=1)
+            fresh = ndimage.gaussian_filter(rng.rayleigh(1.0, (size, size)), sigma=0.7 * s)
+            image *= 0.7 * carried / tissue_speckle.mean() + 0.3 * fresh / fresh.mean()
+            if t == dropout_frame:
+                image *= 1.0 - 0.85 * dropout
+                outlier |= dropout > 0.3
+        image = image + (noise_sigma if noise else 0.0) * rng.standard_normal((size, size))
+        out["images"][t] = _finish(image, support)
+        out["labels"][t] = np.where(support, labels, 0)
+        out["true_lagrangian"][t] = u
+        out["true_gradient"][t] = jac
+        out["eulerian"][t] = pull
+        out["inversion_residual"][t] = residual
+        out["outlier_mask"][t] = outlier & support
+    out.update(
+        phase=motion.phase.copy(),
+        ed_index=0,
+        es_index=es_index,
+        lv_centre=np.asarray(c, np.float64),
+        endo_radius=np.float64(anatomy["endo_mean"]),
+        epi_radius=np.float64(anatomy["epi_mean"]),
+        inner_radius=np.float64(motion.inner_radius),
+        outer_radius=np.float64(motion.outer_radius),
+        shift=np.float64(motion.shift),
+    )
+    return out
+
+
+def true_strain(
+    cine: Mapping[str, np.ndarray], frame: int, spacing: Sequence[float] = (1.0, 1.0)
+) -> dict[str, np.ndarray]:
+    """The phantom's exact strains at ``frame`` on the ED myocardium, from the analytic gradient of U.
+
+    ``spacing`` (mm/px along axes 0, 1) reads the pixel grid as physical: F_ij = delta_ij + (s_i / s_j) dU_i/dX_j,
+    radial = the physical unit vector from ``lv_centre`` to X, circumferential = radial turned 90 degrees.
+    Returns maps (H, W) (0 off the ED myocardium) ``radial_green``, ``circumferential_green``,
+    ``radial_engineering``, ``circumferential_engineering`` and their means over the myocardium (``global_*``, floats).
+    """
+    spacing = np.asarray(spacing, np.float64)
+    grad = np.asarray(cine["true_gradient"][frame], np.float64)
+    myo = np.asarray(cine["labels"][0]) == 2
+    size0, size1 = myo.shape
+    grid = np.mgrid[0:size0, 0:size1].astype(np.float64)
+    F = np.eye(2)[:, :, None, None] + grad * (spacing[:, None] / spacing[None, :])[:, :, None, None]
+    offset = (grid - np.asarray(cine["lv_centre"], np.float64)[:, None, None]) * spacing[:, None, None]
+    radial = offset / np.maximum(np.hypot(offset[0], offset[1]), 1e-12)
+    directions = {"radial": radial, "circumferential": np.stack([-radial[1], radial[0]])}
+    out: dict[str, np.ndarray] = {}
+    for name, e in directions.items():
+        stretched = np.einsum("ijhw,jhw->ihw", F, e)
+        length2 = stretched[0] ** 2 + stretched[1] ** 2
+        for kind, value in (("green", 0.5 * (length2 - 1.0)), ("engineering", np.sqrt(length2) - 1.0)):
+            out[f"{name}_{kind}"] = np.where(myo, value, 0.0)
+            out[f"global_{name}_{kind}"] = float(value[myo].mean())
+    return out
