@@ -186,7 +186,12 @@ def _label_slices(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
 def _cine_frames(value: str | Sequence[str], slices: int) -> np.ndarray:
     """A cine as ``(T, S, X, Y)``: one file with time last, or a list of per-frame files."""
     if isinstance(value, (list, tuple)):
-        return np.stack([_image_slices(p) for p in value])
+        frames = [_image_slices(p) for p in value]
+        for path, frame in zip(value, frames):
+            if frame.shape != frames[0].shape:
+                raise CaseError(f"{path}: frame of shape {_xyz(frame.shape)} in a cine whose first frame "
+                                f"{Path(value[0]).name} is {_xyz(frames[0].shape)}")
+        return np.stack(frames)
     image = _read(value)
     array = _finite(np.asarray(image.dataobj, dtype=np.float32), value)
     if array.ndim == 5 and array.shape[3] == 1:  # X, Y, Z, 1, T (some writers)
@@ -205,6 +210,8 @@ def load_case(item: Mapping[str, Any]) -> StrainCase:
     if item.get("error"):
         raise CaseError(item["error"])
     files = {k: item[k] for k in FILE_KEYS if item.get(k)}
+    if item.get("view"):  # a datalist item's echo view (2CH / 4CH), read by strain_analysis.echo_view
+        files["view"] = str(item["view"])
     label_path = files["moving_label"]
     ed_labels, label_image = _label_slices(label_path)
     shape = ed_labels.shape
@@ -222,7 +229,11 @@ def load_case(item: Mapping[str, Any]) -> StrainCase:
             raise CaseError(f"{_name(files['cine'])}: es_index {es_index} outside its {frames.shape[0]} frames")
         source = _name(files["cine"])
     else:
-        frames = np.stack([_image_slices(files["moving"]), _image_slices(files["fixed"])])
+        ed_image, es_image = _image_slices(files["moving"]), _image_slices(files["fixed"])
+        if es_image.shape != ed_image.shape:
+            raise CaseError(f"{files['fixed']}: ES image of shape {_xyz(es_image.shape)} is not on the grid of the ED "
+                            f"image {Path(files['moving']).name} ({_xyz(ed_image.shape)})")
+        frames = np.stack([ed_image, es_image])
         ed_index, es_index, source = 0, 1, Path(files["fixed"]).name
         if "fixed_label" in files:
             es_labels = _label_slices(files["fixed_label"])[0]

@@ -8,7 +8,8 @@ whole or absent, and a case that fails on a rerun leaves no stale outputs behind
   (the ED label file's grid and affine), 0 outside the ED myocardium; an ED/ES pair gives the ES map, a cine one map
   per frame (time last);
 * ``aha_segments.nii.gz`` (AHA numbers), ``displacement.nii.gz`` (the Lagrangian field, voxels of the ED grid,
-  component i along array axis i, time before the components for a cine), ``tracked_es_gt.nii.gz`` (ED labels
+  component i along array axis i; a pair: the label file's shape + 2; a cine: ``X x Y x Z x T x 2``, NIfTI's 5D
+  layout, Z = 1 for a single slice), ``tracked_es_gt.nii.gz`` (ED labels
   carried to ES);
 * ``strain.csv``: one row per region (global, AHA segments, the echo mid-wall contour) and one column per component
   and definition at ES, plus, for a cine, the peak and time to peak of each; ``curves.csv`` (cine): one row per frame;
@@ -164,7 +165,7 @@ class StrainWorkflow:
         try:
             self._write_arrays(tmp, case, result)
             _write_csv(tmp / "strain.csv", region_rows(case, result))
-            if case.num_frames > 2:
+            if case.is_cine:
                 _write_csv(tmp / "curves.csv", curve_rows(case, result))
             if self.figures:
                 self._write_figures(tmp, case, result)
@@ -178,7 +179,7 @@ class StrainWorkflow:
         return summary_row(case, result)
 
     def _write_arrays(self, folder: Path, case: StrainCase, result: CaseStrain) -> None:
-        cine = case.num_frames > 2
+        cine = case.is_cine
 
         def spatial(slices_first: np.ndarray) -> np.ndarray:  # (S, X, Y, ...) -> the label file's layout
             moved = np.moveaxis(slices_first, 0, 2)  # (X, Y, S, ...)
@@ -195,8 +196,10 @@ class StrainWorkflow:
             save(f"strain_{key}.nii.gz", spatial(data).astype(np.float32))
         save("aha_segments.nii.gz", spatial(result.segments.segments).astype(np.int16))
         field = result.displacement.cpu().numpy().astype(np.float32)  # (T, S, 2, X, Y)
-        field = np.moveaxis(field, (0, 2), (-2, -1)) if cine else np.moveaxis(field[result.es_index], 1, -1)
-        save("displacement.nii.gz", spatial(field), intent="vector")
+        if cine:  # NIfTI's 5D layout X x Y x Z x T x vector, Z = 1 for a single slice (T never reads as Z)
+            save("displacement.nii.gz", np.moveaxis(field, (1, 0, 2), (2, 3, 4)), intent="vector")
+        else:
+            save("displacement.nii.gz", spatial(np.moveaxis(field[result.es_index], 1, -1)), intent="vector")
         if result.tracked_es_labels is not None:
             save("tracked_es_gt.nii.gz", spatial(result.tracked_es_labels).astype(np.int16))
 
@@ -220,7 +223,7 @@ class StrainWorkflow:
             result.segments.segments[slice_index] > 0, result.displacement[es, slice_index].cpu().numpy(),
             folder / f"overlay_{key}.png", spacing=case.spacing,
             title=f"{case.case}: {key.replace('_', ' ')} strain at ES, slice {slice_index}")
-        if case.num_frames > 2:
+        if case.is_cine:
             times = _times(case)
             curves = {f"global {k.replace('_', ' ')}": 100.0 * v for k, v in result.global_curves.items()
                       if k.endswith(definition)}
@@ -281,7 +284,7 @@ def region_rows(case: StrainCase, result: CaseStrain) -> list[dict[str, Any]]:
     if result.midwall_gls is not None:
         regions.append(("midwall_contour", "", 0, {"longitudinal_engineering": result.midwall_gls}))
     rows = []
-    cine = case.num_frames > 2
+    cine = case.is_cine
     times = _times(case)
     for region, level, count, curves in regions:
         row: dict[str, Any] = {"region": region, "level": level, "pixels": count}
@@ -322,7 +325,7 @@ def summary_row(case: StrainCase, result: CaseStrain) -> dict[str, Any]:
         row[f"global_{key}"] = _round(curve[result.es_index])
     if result.midwall_gls is not None:
         row["gls_midwall_engineering"] = _round(result.midwall_gls[result.es_index])
-    if case.num_frames > 2:
+    if case.is_cine:
         times = _times(case)
         for key, curve in result.global_curves.items():
             value, offset = peak(curve, key, case.ed_index)
