@@ -5,11 +5,15 @@
 
 The datastore holds both frames of each case as images (``<case>_ED``, ``<case>_ES``) and the ED frame's label
 as a final label (``labels/final/<case>_ED.nii.gz``). ``POST /infer/adacs_propagation?image=<case>_ES`` returns
-the ED label propagated onto the ES frame.
+the ED label propagated onto the ES frame; ``POST /infer/adacs_strain?image=<case>_ED`` returns the AHA segments
+of the ED label (``output=image``) and the strain at ES per segment (``output=json``). Strain options:
+``--conf strain_labels '{"rv": 1, "myo": 2, "lv": 3}'`` (ACDC codes), ``--conf strain_view short_axis|long_axis``,
+``--conf roi_size 128|none``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,12 +27,16 @@ APP_DIR = os.path.dirname(os.path.realpath(__file__))
 
 
 class MyApp(MONAILabelApp):
-    """Registration app: one infer task, ``adacs_propagation``; no training (train with the bundle)."""
+    """Registration app: infer tasks ``adacs_propagation`` and ``adacs_strain``; no training (train with the bundle)."""
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
         self.bundle_path = os.path.realpath(conf.get("bundle_path", os.path.join(app_dir, "..", "bundle")))
         self.model_path = conf.get("model_path", os.path.join(self.bundle_path, "models", "model.pt"))
         self.image_size = int(conf.get("image_size", "128"))
+        roi = conf.get("roi_size", "128")  # strain: crop around the ED myocardium ("none": the whole image, echo)
+        self.roi_size = None if roi.lower() == "none" else (int(roi), int(roi))
+        self.strain_labels = json.loads(conf.get("strain_labels", '{"rv": 1, "myo": 2, "lv": 3}'))
+        self.strain_view = conf.get("strain_view", "short_axis")
         for path in (self.bundle_path, APP_DIR):  # the bundle's `scripts` package and this app's `lib`
             if path not in sys.path:
                 sys.path.insert(0, path)
@@ -38,8 +46,12 @@ class MyApp(MONAILabelApp):
 
     def init_infers(self) -> Dict[str, InferTask]:
         from lib.propagation import LabelPropagationTask
+        from lib.strain import StrainTask
 
-        task = LabelPropagationTask(self.datastore, self.model_path, (self.image_size, self.image_size))
+        size = (self.image_size, self.image_size)
+        task = LabelPropagationTask(self.datastore, self.model_path, size)
         if not task.is_valid():
             logger.warning(f"{self.model_path}: weights not found; train the bundle or pass --conf model_path")
-        return {"adacs_propagation": task}
+        strain = StrainTask(self.datastore, self.model_path, size, roi_size=self.roi_size, labels=self.strain_labels,
+                            view=self.strain_view)
+        return {"adacs_propagation": task, "adacs_strain": strain}

@@ -60,9 +60,11 @@ def _wait(url: str, server: subprocess.Popen, timeout: float = 240.0) -> None:
     raise AssertionError(f"MONAI Label server not up after {timeout} s")
 
 
-@pytest.mark.slow  # starts a MONAI Label server (~1 min to import and start on a busy 2-core CPU)
-def test_label_propagation_through_monailabel_server(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """A MONAI Label server on a one-case datastore (phantom ED/ES, the ED label final), with a random network."""
     python = _monailabel_python()
+    tmp_path = tmp_path_factory.mktemp("monailabel")
     source = tmp_path / "source"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_phantom_nifti.py"), "--out", str(source),
                     "--num-pairs", "1", "--size", "112"], check=True, capture_output=True)
@@ -79,21 +81,30 @@ def test_label_propagation_through_monailabel_server(tmp_path: Path) -> None:
 
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
+    process = subprocess.Popen(
         [python, "-m", "monailabel.main", "start_server", "--app", str(REPO / "monailabel_app"), "--studies",
          str(store), "--conf", "model_path", str(ckpt), "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
     )
     try:
-        _wait(f"http://127.0.0.1:{port}/info/", server)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/infer/adacs_propagation?image={case}_ES&output=image", method="POST")
-        with urllib.request.urlopen(request, timeout=300) as response:
-            (tmp_path / "result.nii.gz").write_bytes(response.read())
+        _wait(f"http://127.0.0.1:{port}/info/", process)
+        yield {"url": f"http://127.0.0.1:{port}", "store": store, "source": source, "case": case, "net": net,
+               "tmp": tmp_path}
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        process.terminate()
+        process.wait(timeout=60)
         log.close()
+
+
+def _post(url: str) -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=300) as response:
+        return response.read()
+
+
+@pytest.mark.slow  # starts a MONAI Label server (~1 min to import and start on a busy 2-core CPU)
+def test_label_propagation_through_monailabel_server(server: dict) -> None:
+    case, store, source, tmp_path, net = server["case"], server["store"], server["source"], server["tmp"], server["net"]
+    (tmp_path / "result.nii.gz").write_bytes(_post(f"{server['url']}/infer/adacs_propagation?image={case}_ES&output=image"))
     result = nib.load(str(tmp_path / "result.nii.gz"))
     fixed = nib.load(str(store / f"{case}_ES.nii.gz"))
     assert result.shape == fixed.shape
@@ -107,3 +118,34 @@ def test_label_propagation_through_monailabel_server(tmp_path: Path) -> None:
     got = np.rint(result.get_fdata()).astype(np.int64)
     assert not np.array_equal(expected_label, moving_label), "the test field must move the label"
     assert np.mean(got == expected_label) > 0.999
+
+
+@pytest.mark.slow
+def test_strain_through_monailabel_server(server: dict) -> None:
+    """adacs_strain: the AHA segments of the ED label on the ED geometry, and the strain at ES in the JSON result,
+    equal to the bundle's strain analysis run in this process with the same network."""
+    import json
+
+    from scripts.strain_analysis import CineRegistration, analyse_case
+    from scripts.strain_io import load_case
+
+    case, store, tmp_path = server["case"], server["store"], server["tmp"]
+    url = f"{server['url']}/infer/adacs_strain?image={case}_ED"
+    (tmp_path / "segments.nii.gz").write_bytes(_post(url + "&output=image"))
+    answer = json.loads(_post(url + "&output=json"))
+    segments = nib.load(str(tmp_path / "segments.nii.gz"))
+    ed = nib.load(str(store / f"{case}_ED.nii.gz"))
+    assert segments.shape == ed.shape
+    np.testing.assert_allclose(segments.affine, ed.affine)
+
+    local = load_case({"case": case, "moving": str(store / f"{case}_ED.nii.gz"), "fixed": str(store / f"{case}_ES.nii.gz"),
+                       "moving_label": str(store / "labels" / "final" / f"{case}_ED.nii.gz")})
+    expected = analyse_case(local, CineRegistration(server["net"]).track(local, 2), {"rv": 1, "myo": 2, "lv": 3})
+    got = np.rint(segments.get_fdata()).astype(np.int64).reshape(expected.segments.segments[0].shape)
+    np.testing.assert_array_equal(got, expected.segments.segments[0])
+    assert set(np.unique(got)) - {0} == set(range(7, 13)), "one slice: the six mid segments"
+    params = answer.get("params", answer)
+    for key in ("radial_green", "circumferential_green", "radial_engineering", "circumferential_engineering"):
+        value = 100.0 * float(expected.global_curves[key][expected.es_index])
+        assert params["global"][key] == pytest.approx(value, abs=0.02)
+    assert set(params["segments"]) == {str(s) for s in range(7, 13)}
