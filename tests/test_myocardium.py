@@ -195,7 +195,9 @@ def test_slices_without_rv_borrow_the_nearest_origin_and_say_so():
 
 def test_no_rv_anywhere_uses_the_image_convention():
     result = sax_segments(np.stack([ring(), ring()]), (1.0, 1.0), ACDC_LABELS)
-    assert any("no slice has RV contact" in note for note in result.notes)
+    assert any("no slice has RV contact" in note and "from the image-axis convention" in note for note in result.notes)
+    with_affine = sax_segments(np.stack([ring(), ring()]), (1.0, 1.0), ACDC_LABELS, affine=affine_with_anterior(-1.0))
+    assert any("no slice has RV contact" in note and "from the affine" in note for note in with_affine.notes)
     assert result.levels == ["basal", "apical"]
     assert segment_at(result.segments[0], 210) == 2 and segment_at(result.segments[0], 150) == 3
     assert segment_at(result.segments[1], 180) == 14

@@ -532,3 +532,27 @@ def test_datalist_cine_of_frame_files_with_given_indices(tmp_path, cine, network
     assert nib.load(out / "two" / "strain_radial_green.nii.gz").shape == (128, 128, 2)
     assert nib.load(out / "two" / "displacement.nii.gz").shape == (128, 128, 1, 2, 2)
     assert (out / "two" / "curves.csv").is_file()
+
+
+def test_curve_figures_run_from_ed_when_ed_is_not_frame_0(cine, network, tmp_path, monkeypatch):
+    """The curve figures' time axis starts at ED and increases (no line wrapping back from the end of the cycle)."""
+    from scripts import strain_plots
+
+    shift = 3
+    rolled = {k: np.roll(cine[k], shift, axis=0) for k in ("images", "labels", "true_lagrangian")}
+    case = cine_case({**cine, **rolled, "es_index": (int(cine["es_index"]) + shift) % NUM_FRAMES}, (1.0, 1.0))
+    case.ed_index, case.ed_labels = shift, rolled["labels"][shift][None].astype(np.int64)
+    result = analyse_case(case, torch.as_tensor(rolled["true_lagrangian"])[:, None], {"rv": 1, "myo": 2, "lv": 3},
+                          segment_options=PHANTOM_ORIENTATION)
+    seen = []
+    monkeypatch.setattr(strain_plots, "strain_curves", lambda times, curves, *a, **k: seen.append((times, curves)))
+    monkeypatch.setattr(strain_plots, "segment_curves", lambda times, curves, *a, **k: seen.append((times, curves)))
+    monkeypatch.setattr(strain_plots, "bullseye", lambda *a, **k: None)
+    monkeypatch.setattr(strain_plots, "strain_overlay", lambda *a, **k: None)
+    workflow = StrainWorkflow(None, network, tmp_path, figures=True, progress=False)
+    workflow._write_figures(tmp_path, case, result)
+    assert len(seen) == 3
+    for times, curves in seen:
+        assert times[0] == 0 and np.all(np.diff(times) > 0)
+        for curve in curves.values():
+            assert curve[0] == pytest.approx(0.0, abs=1e-6)  # ED first: no strain

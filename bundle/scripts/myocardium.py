@@ -126,16 +126,17 @@ def wall_directions(labels: np.ndarray, spacing, codes: dict, method: str = "wal
     return normal, tangent
 
 
-def _orientation(affine, anterior, septal, notes: list) -> tuple[np.ndarray, np.ndarray]:
-    """Anterior and patient-right in-plane directions: from a real (non-diagonal) RAS affine, else the convention."""
+def _orientation(affine, anterior, septal, notes: list) -> tuple[np.ndarray, np.ndarray, str]:
+    """Anterior and patient-right in-plane directions, and their source: a real (non-diagonal) RAS affine, else the
+    convention (``anterior`` / ``septal``)."""
     if affine is not None:
         a = np.asarray(affine, float)[:3, :3]
         if not np.allclose(a, np.diag(np.diag(a))):
             axes = a[:, :2] / np.linalg.norm(a[:, :2], axis=0)  # world direction of array axes 0, 1
             if np.hypot(*axes[1]) > 0.1:
-                return _unit(axes[1]), _unit(axes[0])  # RAS +y = anterior, +x = patient right
+                return _unit(axes[1]), _unit(axes[0]), "the affine"  # RAS +y = anterior, +x = patient right
             notes.append("affine: anterior is nearly normal to the slices; image convention used")
-    return _unit(anterior), _unit(septal)
+    return _unit(anterior), _unit(septal), "the image-axis convention"
 
 
 def _rv_arc(slice_labels: np.ndarray, spacing, codes: dict, centre: np.ndarray, contact_px: int):
@@ -207,7 +208,7 @@ def sax_segments(labels: np.ndarray, spacing, codes: dict, affine: np.ndarray | 
     stack = _as_stack(labels)
     notes: list = []
     s = np.asarray(spacing, float)
-    ant, sep = _orientation(affine, anterior, septal, notes)
+    ant, sep, source = _orientation(affine, anterior, septal, notes)
     if base not in ("auto", "first", "last"):
         raise ValueError(f"base must be 'auto', 'first' or 'last', got {base!r}.")
     levels = _slice_levels(stack, codes, single_slice_level, base, notes)
@@ -224,7 +225,8 @@ def sax_segments(labels: np.ndarray, spacing, codes: dict, affine: np.ndarray | 
     if centres and not origins:
         middle = np.arctan2(sep[1], sep[0])
         default, _, _ = _slice_origin((middle - np.pi / 3, 2 * np.pi / 3, None, None), ant)
-        notes.append(f"no slice has RV contact: AHA origin from the image axes (septum along {np.round(sep, 2)})")
+        notes.append(f"no slice has RV contact: AHA origin from the image axes (septum along {np.round(sep, 2)}, "
+                     f"from {source})")
     found = dict(origins)  # donors: slices with their own insertion points only
     segments = np.zeros(stack.shape, np.int16)
     s_idx, s_row, s_col = np.nonzero(stack == codes["myo"])

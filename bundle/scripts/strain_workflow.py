@@ -225,16 +225,17 @@ class StrainWorkflow:
             title=f"{case.case}: {key.replace('_', ' ')} strain at ES, slice {slice_index}")
         if case.is_cine:
             times = _times(case)
-            curves = {f"global {k.replace('_', ' ')}": 100.0 * v for k, v in result.global_curves.items()
+            order = np.argsort(times, kind="stable")  # the cycle from ED, whatever frame ED is
+            curves = {f"global {k.replace('_', ' ')}": 100.0 * v[order] for k, v in result.global_curves.items()
                       if k.endswith(definition)}
             if result.midwall_gls is not None:
-                curves["GLS, mid-wall contour (engineering)"] = 100.0 * result.midwall_gls
+                curves["GLS, mid-wall contour (engineering)"] = 100.0 * result.midwall_gls[order]
             xlabel = "time after ED (ms)" if case.times_ms is not None else "frames after ED"
-            strain_plots.strain_curves(times, curves, folder / "curves.png", title=f"{case.case}: global strain",
+            strain_plots.strain_curves(times[order], curves, folder / "curves.png", title=f"{case.case}: global strain",
                                        xlabel=xlabel, markers={"ES": times[es]})
             for name in COMPONENTS[result.view]:
                 key = f"{name}_{definition}"
-                strain_plots.segment_curves(times, {s: 100.0 * c for s, c in result.segment_curves[key].items()},
+                strain_plots.segment_curves(times[order], {s: 100.0 * c[order] for s, c in result.segment_curves[key].items()},
                                             folder / f"segment_curves_{key}.png", component=key.replace("_", " "),
                                             xlabel=xlabel)
 
