@@ -16,10 +16,11 @@ from typing import Any, Callable, Dict, Tuple, Union
 
 import nibabel as nib
 import numpy as np
-import torch
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.bundle_task import BundleInferTask
 
 
 def _image_id(path: str) -> str:
@@ -30,7 +31,7 @@ def _image_id(path: str) -> str:
     return Path(name).stem
 
 
-class LabelPropagationTask(InferTask):
+class LabelPropagationTask(BundleInferTask):
     """ED label -> ES frame by unsupervised registration (AdaCS displacement network).
 
     Args:
@@ -53,20 +54,11 @@ class LabelPropagationTask(InferTask):
         self.image_size, self.device = tuple(image_size), device
         self._registration = None
 
-    def is_valid(self) -> bool:
-        return os.path.isfile(self.model_path)
-
-    def get_path(self, validate: bool = True):
-        return self.model_path
-
     def _engine(self):
         if self._registration is None:
-            from scripts.networks import DiffeomorphicVoxelMorph
             from scripts.registration_io import PairRegistration
 
-            net = DiffeomorphicVoxelMorph()
-            net.load_state_dict(torch.load(self.model_path, map_location=self.device, weights_only=True))
-            self._registration = PairRegistration(net.to(self.device).eval(), self.image_size, self.device)
+            self._registration = PairRegistration(self._network(), self.image_size, self.device)
         return self._registration
 
     def _moving(self, request: Dict[str, Any]) -> Tuple[str, str, str]:

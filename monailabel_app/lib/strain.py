@@ -17,17 +17,17 @@ from typing import Any, Callable, Dict, Tuple, Union
 
 import nibabel as nib
 import numpy as np
-import torch
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from lib.bundle_task import BundleInferTask
 from lib.propagation import _image_id
 
 ACDC_LABELS = {"rv": 1, "myo": 2, "lv": 3}
 
 
-class StrainTask(InferTask):
+class StrainTask(BundleInferTask):
     """ED label + ES frame -> AHA segments (label) and strain at ES (JSON).
 
     Args:
@@ -53,21 +53,11 @@ class StrainTask(InferTask):
         self.codes, self.view, self.device = dict(labels or ACDC_LABELS), view, device
         self._registration = None
 
-    def is_valid(self) -> bool:
-        return os.path.isfile(self.model_path)
-
-    def get_path(self, validate: bool = True):
-        return self.model_path
-
     def _engine(self):
         if self._registration is None:
-            from scripts.networks import DiffeomorphicVoxelMorph
             from scripts.strain_analysis import CineRegistration
 
-            net = DiffeomorphicVoxelMorph()
-            net.load_state_dict(torch.load(self.model_path, map_location=self.device, weights_only=True))
-            self._registration = CineRegistration(net.to(self.device).eval(), self.image_size, self.roi_size,
-                                                  device=self.device)
+            self._registration = CineRegistration(self._network(), self.image_size, self.roi_size, device=self.device)
         return self._registration
 
     def _case(self, request: Dict[str, Any]) -> Dict[str, str]:
