@@ -63,7 +63,8 @@ def test_4d_cine_is_time_then_slices(tmp_path):
 
 
 def test_datalist_with_frame_list_indices_and_times(tmp_path):
-    frames = [save(tmp_path / f"f{i}.nii.gz", np.full((16, 16), float(i), np.float32)) for i in range(6)]
+    ramp = np.arange(16, dtype=np.float32)[:, None] * 0.01  # frames are not constant (a constant frame fails)
+    frames = [save(tmp_path / f"f{i}.nii.gz", np.full((16, 16), float(i), np.float32) + ramp) for i in range(6)]
     save(tmp_path / "lab.nii.gz", labels_2d((16, 16)))
     datalist = {"testing": [{"cine": [f"f{i}.nii.gz" for i in range(6)], "moving_label": "lab.nii.gz", "case": "p1",
                              "ed_index": 4, "es_index": 1, "trigger_ms": [10, 60, 110, 160, 210, 260]}]}

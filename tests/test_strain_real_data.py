@@ -163,7 +163,8 @@ def test_convert_sunnybrook_cine_datalist(tmp_path: Path, monkeypatch: pytest.Mo
 
     def fake_dicom(path: Path):
         read.append(Path(path).name)
-        return np.full((32, 30), float(Path(path).stem), np.float32), np.diag([1.25, 1.5, 8.0, 1.0])
+        ramp = np.arange(30, dtype=np.float32)[None, :] * 0.01  # not constant: the strain engine refuses a flat frame
+        return np.full((32, 30), float(Path(path).stem), np.float32) + ramp, np.diag([1.25, 1.5, 8.0, 1.0])
 
     monkeypatch.setattr(real, "read_dicom", fake_dicom)
     out = tmp_path / "cases"

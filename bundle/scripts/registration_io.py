@@ -22,10 +22,15 @@ For every pair (``<case>_ED.nii.gz`` moving, ``<case>_ES.nii.gz`` fixed, optiona
 
 Images of any in-plane size are min-max scaled and resized to the network grid (``image_size``); the field
 is resized back to the native grid and its vectors scaled by the size ratio. 3D stacks are registered slice by
-slice (slices along the third array axis). Every problem of a pair (unreadable file, missing partner, unequal
-shapes) is reported by name in the log and the CSV; the other pairs still finish; :meth:`run` ends with
-``SystemExit(1)`` when any pair failed. Inputs are never overwritten and every output file is written to a
-temporary name in ``output_dir`` and renamed into place (whole or absent).
+slice (slices along the third array axis). Every problem of a pair (unreadable file or symbolic link loop, missing
+partner, two files for one frame, unequal shapes, a constant image, a label map with non-integer, negative or huge
+values, a non-finite field, a case name that would leave ``output_dir``) is reported by name in the log and the CSV;
+the other pairs still finish; :meth:`run` ends with ``SystemExit(1)`` when any pair failed. A failed case's outputs
+of an earlier run are removed (said in its ``notes``). Problems that stop the run before any case (no pairs, an
+unreadable or malformed datalist, weights that are missing, corrupt, non-finite or do not fit, an output folder that
+is an input folder, a file or not writable) end it with a message naming the file and nothing written. Inputs are
+never overwritten and every output file is written to a temporary name in ``output_dir`` and renamed into place
+(whole or absent); temporary files of a killed run are removed at the next start (``io_safety``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -47,17 +51,25 @@ import torch.nn.functional as F
 from monai.inferers import SimpleInferer
 from monai.networks.blocks import Warp
 from monai.transforms import MapTransform
+from monai.utils import str2bool
 from torch.utils.data import Dataset
 
-from .data import DatasetError, load_datalist_json
+from .data import DatasetError
 from .evaluator import one_hot
+from .io_safety import (
+    TMP_PATTERN, assign_case_names, atomic_write, case_name_problem, check_output_dir, constant_problem, create_output_dir,
+    input_file_problem, label_problem, load_weights, read_datalist, remove_leftovers,
+)
 from .metrics import folding_percentage
 
 logger = logging.getLogger(__name__)
 
 PAIR_PATTERN = re.compile(r"^(?P<case>.+)_(?P<phase>ED|ES)(?P<gt>_gt)?\.nii(\.gz)?$")
+FILE_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
+OUTPUT_SUFFIXES = ("_ddf.nii.gz", "_ddf_itk.nii.gz", "_ddf_itk.nrrd", "_warped.nii.gz", "_warped_gt.nii.gz", "_score.nii.gz")
+MAX_LABEL = 255  # label maps with larger values fail by name (an image given as labels, a corrupt file)
 CSV_COLUMNS = (
-    "case", "status", "error", "moving", "fixed", "moving_label", "fixed_label", "shape", "outputs",
+    "case", "status", "error", "notes", "moving", "fixed", "moving_label", "fixed_label", "shape", "outputs",
     "dice", "dice_undeformed", "dice_per_class", "dice_undeformed_per_class", "folding_pct", "time_s",
 )
 
@@ -72,20 +84,25 @@ def collect_pairs(
 ) -> list[dict[str, Any]]:
     """Every case of a folder (naming rule) or of a datalist JSON section, as dicts of file paths.
 
-    A case without its partner frame is returned with an ``error`` entry instead of raising, so that it is
-    reported while the other cases run. Labels are kept individually (a moving label alone is warped; Dice
-    needs both). A missing folder or an unreadable datalist raises :class:`DatasetError`.
+    A case that cannot run (no partner frame; ``x_ED.nii`` next to ``x_ED.nii.gz``; a datalist item that is not an
+    object, lacks ``moving`` / ``fixed`` or has a non-string path; a case name that is not a plain file name) is
+    returned with an ``error`` entry instead of raising, so that it is reported while the other cases run. Case names
+    are made unique (``io_safety.assign_case_names``: a later duplicate becomes ``<name>_2``, said in its ``notes``).
+    Labels are kept individually (a moving label alone is warped; Dice needs both). A missing folder, a folder
+    without pairs or an unreadable, malformed or empty datalist raises :class:`DatasetError`.
     """
     if datalist:
-        items = load_datalist_json(datalist, section, dataset_dir)
-        seen: dict[str, int] = {}
         out = []
-        for item in items:
-            case = str(item.get("case") or _stem(item["moving"]))
-            seen[case] = seen.get(case, 0) + 1
-            if seen[case] > 1:
-                case = f"{case}_{seen[case]}"
-            out.append({**item, "case": case})
+        for item in read_datalist(datalist, section, dataset_dir, FILE_KEYS):
+            if not item.get("error"):
+                missing = [k for k in ("moving", "fixed") if k not in item]
+                if missing:
+                    item["error"] = (f"{datalist}: item {item['item']} of '{section}' has no "
+                                     f"{' or '.join(repr(k) for k in missing)} entry")
+            if "case" not in item:
+                item["case"] = _stem(item["moving"]) if "moving" in item else f"item{item['item']}"
+            out.append(item)
+        assign_case_names(out, describe=_describe)
         return out
     if not dataset_dir:
         raise DatasetError("no input: set --dataset_dir to a folder of <case>_ED.nii.gz / <case>_ES.nii.gz pairs "
@@ -93,23 +110,42 @@ def collect_pairs(
     root = Path(dataset_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist.")
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as error:
+        raise DatasetError(f"{root}: cannot list the dataset folder ({error.strerror or error}).") from None
     cases: dict[str, dict[str, str]] = {}
-    for path in sorted(root.iterdir()):
+    doubles: dict[str, list[str]] = {}
+    for path in entries:
         match = PAIR_PATTERN.match(path.name)
         if match:
             key = {"ED": "moving", "ES": "fixed"}[match["phase"]] + ("_label" if match["gt"] else "")
-            cases.setdefault(match["case"], {})[key] = str(path)
+            files = cases.setdefault(match["case"], {})
+            if key in files:  # x_ED.nii and x_ED.nii.gz: which one is meant?
+                doubles.setdefault(match["case"], []).append(f"{Path(files[key]).name} and {path.name}")
+            files[key] = str(path)
     if not cases:
         raise DatasetError(f"{root}: no <case>_ED.nii.gz / <case>_ES.nii.gz files found.")
     out = []
     for case, files in sorted(cases.items()):
         item: dict[str, Any] = {"case": case, **files}
         missing = [{"moving": "ED", "fixed": "ES"}[k] for k in ("moving", "fixed") if k not in files]
-        if missing:
+        if case in doubles:
+            item["error"] = (f"{root}: {'; '.join(doubles[case])}: two files for one frame of case '{case}'; "
+                             f"keep one of them")
+        elif missing:
             have = ", ".join(Path(f).name for f in files.values())
             item["error"] = f"{have}: case '{case}' has no {' or '.join(missing)} frame"
         out.append(item)
+    assign_case_names(out, describe=_describe)
     return out
+
+
+def _describe(item: Mapping[str, Any]) -> str:
+    """How a case is named in messages: its moving file, else its datalist position."""
+    if isinstance(item.get("moving"), str):
+        return Path(item["moving"]).name
+    return f"item {item['item']}" if "item" in item else ""
 
 
 def _stem(path: str | os.PathLike) -> str:
@@ -140,8 +176,9 @@ class LoadedPair:
 
 
 def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    if not os.path.isfile(path):
-        raise PairError(f"{path}: file does not exist")
+    problem = input_file_problem(path)
+    if problem:
+        raise PairError(f"{path}: {problem}")
     try:
         image = nib.load(path)
         array = np.asarray(image.dataobj, dtype=np.float32)
@@ -158,11 +195,14 @@ def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     return squeezed, np.asarray(image.affine, dtype=np.float64), shape
 
 
-def load_pair(item: Mapping[str, Any]) -> LoadedPair:
-    """Read and check one pair; raises :class:`PairError` naming the offending file."""
+def load_pair(item: Mapping[str, Any], max_label: int = MAX_LABEL) -> LoadedPair:
+    """Read and check one pair; raises :class:`PairError` naming the offending file.
+
+    Refused: unreadable files (or symbolic link loops), unequal shapes, NaN / infinite values, a constant moving or
+    fixed image (nothing to register), label maps with non-integer, negative or values above ``max_label``."""
     if item.get("error"):
         raise PairError(item["error"])
-    files = {k: str(item[k]) for k in ("moving", "fixed", "moving_label", "fixed_label") if item.get(k)}
+    files = {k: str(item[k]) for k in FILE_KEYS if item.get(k)}
     arrays, affines, shapes = {}, {}, {}
     for key, path in files.items():
         arrays[key], affines[key], shapes[key] = _read_nifti(path)
@@ -170,23 +210,31 @@ def load_pair(item: Mapping[str, Any]) -> LoadedPair:
     if len(distinct) > 1:
         listing = ", ".join(f"{Path(files[k]).name} {shapes[k]}" for k in arrays)
         raise PairError(f"{files['moving']}: pair has unequal shapes ({listing})")
-    notes = []
+    for key in ("moving", "fixed"):
+        problem = constant_problem(arrays[key])
+        if problem:
+            raise PairError(f"{files[key]}: {problem}")
+    notes = list(item.get("notes") or [])
     if not np.allclose(affines["moving"], affines["fixed"], atol=1e-3):
         notes.append(f"{Path(files['fixed']).name}: affine differs from the moving image's; outputs use the moving one")
-    labels = {k: (np.rint(arrays[k]).astype(np.int64) if k in arrays else None) for k in ("moving_label", "fixed_label")}
-    for key, value in labels.items():
-        if value is not None and value.min() < 0:
-            raise PairError(f"{files[key]}: label map has negative values")
+    labels = {}
+    for key in ("moving_label", "fixed_label"):
+        if key in arrays:
+            problem = label_problem(arrays[key], max_label)
+            if problem:
+                raise PairError(f"{files[key]}: {problem}")
+            labels[key] = np.rint(arrays[key]).astype(np.int64)
     return LoadedPair(str(item["case"]), files, arrays["moving"], arrays["fixed"], affines["moving"],
-                      shapes["moving"], labels["moving_label"], labels["fixed_label"], notes)
+                      shapes["moving"], labels.get("moving_label"), labels.get("fixed_label"), notes)
 
 
 class PairDataset(Dataset):
     """The ``dataset`` of ``inference.yaml``: the cases of :func:`collect_pairs`, collected on first use;
     ``dataset[i]`` is a :class:`LoadedPair` or raises :class:`PairError` for that case only."""
 
-    def __init__(self, dataset_dir: str | None, datalist: str | None = None, section: str = "testing") -> None:
-        self.dataset_dir, self.datalist, self.section = dataset_dir, datalist, section
+    def __init__(self, dataset_dir: str | None, datalist: str | None = None, section: str = "testing",
+                 max_label: int = MAX_LABEL) -> None:
+        self.dataset_dir, self.datalist, self.section, self.max_label = dataset_dir, datalist, section, int(max_label)
         self._items: list[dict[str, Any]] | None = None
 
     @property
@@ -199,7 +247,7 @@ class PairDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> LoadedPair:
-        return load_pair(self.items[index])
+        return load_pair(self.items[index], self.max_label)
 
 
 # --------------------------------------------------------------------------------- network-grid transforms
@@ -288,7 +336,8 @@ class PairRegistration:
         moving_label: np.ndarray | torch.Tensor | None = None, num_classes: int | None = None,
         score_map: bool = False,
     ) -> PairResult:
-        """``moving``/``fixed``: ``(S, H, W)`` slices (or ``(H, W)``); labels the same shape, integer."""
+        """``moving``/``fixed``: ``(S, H, W)`` slices (or ``(H, W)``); labels the same shape, integer (any values:
+        one channel per value present; ``num_classes`` is accepted for older callers and not needed)."""
         mov = torch.as_tensor(moving, dtype=torch.float32, device=self.device)
         fix = torch.as_tensor(fixed, dtype=torch.float32, device=self.device)
         if mov.ndim == 2:
@@ -303,10 +352,15 @@ class PairRegistration:
             result = PairResult(ddf=ddf, warped=self.warp(mov, ddf))
         else:  # image and one-hot label warped in one pass (one sampling grid), then argmax
             labels = torch.as_tensor(moving_label, device=self.device).long()
-            labels = labels[None] if labels.ndim == 2 else labels
-            classes = max(num_classes or int(labels.max()) + 1, 2)
-            both = self.warp(torch.cat([mov, one_hot(labels[:, None], classes)], 1), ddf)
-            result = PairResult(ddf=ddf, warped=both[:, :1], warped_label=both[:, 1:].argmax(1, keepdim=True))
+            labels = (labels[None] if labels.ndim == 2 else labels).contiguous()
+            # one channel per label value present (plus background 0), not per integer up to the largest value:
+            # the same argmax as a full one-hot (absent classes warp to 0 everywhere), memory bounded by the values
+            values = torch.unique(torch.cat([labels.new_zeros(1), labels.flatten()]))
+            index = torch.searchsorted(values, labels)
+            channels = one_hot(index[:, None], max(len(values), 2))
+            both = self.warp(torch.cat([mov, channels], 1), ddf)
+            winner = both[:, 1:1 + len(values)].argmax(1, keepdim=True)
+            result = PairResult(ddf=ddf, warped=both[:, :1], warped_label=values[winner])
         if score_map:
             if self.scoring_network is None:
                 raise ValueError("score_map requested but no scoring network was given.")
@@ -381,18 +435,6 @@ def itk_field_extension(pair: LoadedPair) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` whole or not at all: ``write`` fills a temporary file in the same folder (same extension),
-    which is then renamed over ``path`` (``os.replace``)."""
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, intent: str | None = None) -> None:
     image = nib.Nifti1Image(array, affine)
     if intent:
@@ -448,31 +490,21 @@ class PairRegistrationRunner:
         self.dataset, self.network, self.output_dir = dataset, network, Path(output_dir)
         self.ckpt_path, self.image_size, self.device = ckpt_path, tuple(image_size), torch.device(device)
         self.inferer, self.postprocessing = inferer, postprocessing
-        self.score_map, self.scoring_network, self.scoring_ckpt_path = score_map, scoring_network, scoring_ckpt_path
-        self.write_itk, self.exit_on_failure, self.progress = write_itk, exit_on_failure, progress
+        # str2bool: the bundle CLI passes `--progress false` / `--write_itk false` as the string 'false'
+        self.score_map, self.scoring_network, self.scoring_ckpt_path = str2bool(score_map), scoring_network, scoring_ckpt_path
+        self.write_itk, self.exit_on_failure, self.progress = str2bool(write_itk), exit_on_failure, str2bool(progress)
         self.rows: list[dict[str, Any]] = []
 
     # -- setup
     def _load_weights(self, network: torch.nn.Module, path: str | None, what: str) -> None:
-        if path is None:
-            return
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: {path}: {what} weights not found (train first, or set --ckpt_path).")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        network.load_state_dict(state)
+        if path is not None:  # SystemExit naming the file: missing, empty, corrupt, non-finite or not fitting
+            load_weights(network, path, what, self.device)
 
-    def _check_output_dir(self) -> set[Path]:
-        inputs = {Path(v).resolve() for item in self.dataset.items for k, v in item.items()
-                  if k in ("moving", "fixed", "moving_label", "fixed_label")}
-        out = self.output_dir.resolve()
-        input_dirs = {p.parent for p in inputs}
-        if self.dataset.dataset_dir:
-            input_dirs.add(Path(self.dataset.dataset_dir).resolve())
-        if out in input_dirs:
-            raise SystemExit(f"error: output_dir {out} is an input folder; choose another folder (inputs are never overwritten).")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+    def _check_output_dir(self) -> set[str]:
+        """Refuse an output_dir that is an input folder or a file (nothing created); the real paths of the inputs."""
+        inputs = {os.path.realpath(v) for item in self.dataset.items for k, v in item.items()
+                  if k in FILE_KEYS and isinstance(v, str)}
+        check_output_dir(self.output_dir, inputs, [self.dataset.dataset_dir] if self.dataset.dataset_dir else [])
         return inputs
 
     def build_registration(self) -> PairRegistration:
@@ -486,6 +518,23 @@ class PairRegistrationRunner:
             self._load_weights(scoring, self.scoring_ckpt_path, "scoring network")
         self._load_weights(self.network, self.ckpt_path, "displacement network")
         return PairRegistration(self.network, self.image_size, self.device, self.inferer, self.postprocessing, scoring)
+
+    def _case_outputs(self, case: str) -> list[Path]:
+        """Every output name a case can have (any run's options), for removing stale ones."""
+        return [self.output_dir / f"{case}{suffix}" for suffix in OUTPUT_SUFFIXES]
+
+    def _remove_stale(self, case: str, keep: set[Path], inputs: set[str]) -> list[str]:
+        """Remove this case's outputs of an earlier run that this run did not write (``keep``); never an input."""
+        removed = []
+        for path in self._case_outputs(case):
+            if path in keep or not os.path.lexists(path) or os.path.realpath(path) in inputs:
+                continue
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError as error:
+                logger.warning(f"{path}: stale output of an earlier run not removed ({error.strerror or error})")
+        return removed
 
     # -- per case
     def _register_case(self, registration: PairRegistration, pair: LoadedPair, inputs: set[Path]) -> dict[str, Any]:
@@ -508,6 +557,11 @@ class PairRegistrationRunner:
         row: dict[str, Any] = {"shape": "x".join(map(str, pair.moving.shape))}
         outputs: dict[str, Path] = {}
         case = pair.case
+        weights = f" (weights {self.ckpt_path})" if self.ckpt_path else ""
+        for what, tensor in (("displacement field", result.ddf), ("warped image", result.warped), ("score map", result.score)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise PairError(f"{pair.files['moving']}: the network gave a {what} with NaN or infinite values{weights}; "
+                                f"nothing written for this case")
         ddf_vox = voxel_ddf_array(result.ddf, pair.is_stack, pair.file_shape)
         outputs["ddf"] = self.output_dir / f"{case}_ddf.nii.gz"
         if self.write_itk:
@@ -518,7 +572,10 @@ class PairRegistrationRunner:
             outputs["warped_gt"] = self.output_dir / f"{case}_warped_gt.nii.gz"
         if result.score is not None:
             outputs["score"] = self.output_dir / f"{case}_score.nii.gz"
-        clash = [str(p) for p in outputs.values() if p.resolve() in inputs]
+        for path in outputs.values():  # defence in depth: case names are checked in collect_pairs
+            if path.parent != self.output_dir or TMP_PATTERN.match(path.name):
+                raise PairError(f"{pair.files['moving']}: output name {path.name!r} is not a plain name in output_dir")
+        clash = [str(p) for p in outputs.values() if os.path.realpath(p) in inputs]
         if clash:
             raise PairError(f"{clash[0]}: output would overwrite an input file; choose another output_dir")
 
@@ -544,6 +601,7 @@ class PairRegistrationRunner:
             raise
 
         row["outputs"] = ";".join(p.name for p in outputs.values())
+        row["written"] = set(outputs.values())
         row["folding_pct"] = round(float(folding_percentage(result.ddf).mean()), 4)
         if warped_label is not None and pair.fixed_label is not None:
             moved = warped_label.reshape(pair.fixed_label.shape)
@@ -557,13 +615,22 @@ class PairRegistrationRunner:
 
     # -- driver
     def run(self) -> list[dict[str, Any]]:
-        """Register every case; write outputs and ``summary.csv``; ``SystemExit(1)`` if any case failed."""
+        """Register every case; write outputs and ``summary.csv``; ``SystemExit(1)`` if any case failed.
+
+        Before any case: the cases are collected, ``output_dir`` is checked (not an input folder, not a file), the
+        weights are loaded and checked, and only then ``output_dir`` is created, checked writable and cleared of
+        temporary files of a killed run; any problem there ends the run with a message and nothing written."""
         try:
             num_cases = len(self.dataset)
         except DatasetError as error:
             raise SystemExit(f"error: {error}") from None
         inputs = self._check_output_dir()
         registration = self.build_registration()
+        create_output_dir(self.output_dir)
+        removed = remove_leftovers(self.output_dir)
+        if removed:
+            logger.warning(f"{self.output_dir}: removed {len(removed)} temporary file(s) of an interrupted run: "
+                           f"{', '.join(removed)}")
         self.rows = []
         indices: Any = range(num_cases)
         if self.progress:
@@ -571,23 +638,7 @@ class PairRegistrationRunner:
 
             indices = tqdm(indices, desc="registering", unit="pair")
         for index in indices:
-            item = self.dataset.items[index]
-            row: dict[str, Any] = {k: item.get(k, "") for k in ("case", "moving", "fixed", "moving_label", "fixed_label")}
-            start = time.perf_counter()
-            try:
-                pair = self.dataset[index]
-                for note in pair.notes:
-                    logger.warning(f"{pair.case}: {note}")
-                row.update(self._register_case(registration, pair, inputs))
-                row.update(status="ok", error="; ".join(pair.notes))
-            except (PairError, DatasetError) as error:
-                row.update(status="failed", error=str(error))
-                logger.error(f"case {item.get('case')}: {error}")
-            except Exception as error:  # an unexpected failure of one case must not stop the others
-                row.update(status="failed", error=f"{type(error).__name__}: {error}")
-                logger.exception(f"case {item.get('case')}: unexpected error")
-            row["time_s"] = round(time.perf_counter() - start, 4)
-            self.rows.append(row)
+            self.rows.append(self._run_case(registration, index, inputs))
         summary = self.output_dir / "summary.csv"
 
         def write_csv(tmp: str) -> None:
@@ -597,7 +648,11 @@ class PairRegistrationRunner:
                 for r in self.rows:
                     writer.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
 
-        atomic_write(summary, write_csv)
+        try:
+            atomic_write(summary, write_csv)
+        except OSError as error:
+            raise SystemExit(f"error: {summary}: cannot be written ({error.strerror or error}); the outputs of the "
+                             f"cases are in {self.output_dir}.") from None
         failed = [r for r in self.rows if r["status"] != "ok"]
         message = f"{len(self.rows) - len(failed)} of {len(self.rows)} pairs registered into {self.output_dir}"
         if failed:
@@ -606,3 +661,36 @@ class PairRegistrationRunner:
         if failed and self.exit_on_failure:
             raise SystemExit(1)
         return self.rows
+
+    def _run_case(self, registration: PairRegistration, index: int, inputs: set[str]) -> dict[str, Any]:
+        """One case, whatever happens: a row with status ``ok`` or ``failed`` and the error naming the file."""
+        item = self.dataset.items[index]
+        case = str(item.get("case", ""))
+        row: dict[str, Any] = {k: str(item.get(k, "")) for k in ("case", *FILE_KEYS)}
+        notes = list(item.get("notes") or [])
+        start = time.perf_counter()
+        written: set[Path] = set()
+        try:
+            pair = self.dataset[index]
+            notes = list(pair.notes)
+            result = self._register_case(registration, pair, inputs)
+            written = result.pop("written")
+            row.update(result)
+            row.update(status="ok", error="")
+        except (PairError, DatasetError) as error:
+            row.update(status="failed", error=str(error))
+        except Exception as error:  # an unexpected failure of one case must not stop the others
+            where = item.get("moving") or case
+            row.update(status="failed", error=f"{where}: {type(error).__name__}: {error}")
+            logger.debug(f"case {case}: unexpected error", exc_info=True)
+        if row["status"] != "ok":
+            logger.error(f"case {case}: {row['error']}")
+        if not case_name_problem(case):  # never for a name that would leave output_dir
+            removed = self._remove_stale(case, written, inputs)
+            if removed:
+                notes.append(f"outputs of an earlier run removed: {', '.join(removed)}")
+        for note in notes:
+            logger.warning(f"{case}: {note}")
+        row["notes"] = "; ".join(notes)
+        row["time_s"] = round(time.perf_counter() - start, 4)
+        return row

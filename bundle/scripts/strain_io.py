@@ -10,12 +10,15 @@ A case is an ED frame with its labels and either an ES frame or a whole cine:
   ``fixed`` (ES) and optionally ``fixed_label``, or ``cine`` (one 3D/4D file or a list of per-frame files) with
   optional ``ed_index``, ``es_index`` and ``trigger_ms`` (one time per frame), and optionally ``case``.
 
-Every problem of one case raises :class:`CaseError` naming the file; the engine reports it and goes on.
+Every problem of one case raises :class:`CaseError` naming the file; the engine reports it and goes on: unreadable
+files or symbolic link loops, two files for one frame (``x_ED.nii`` and ``x_ED.nii.gz``), a datalist item that is not
+an object or has a non-string path, a case name that is not a plain file name (it names the case's output folder;
+a duplicate becomes ``<case>_2``, said in the notes), constant frames, label maps with non-integer, negative or huge
+values, grids that differ. See ``io_safety`` for the shared rules.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,11 +29,14 @@ import nibabel as nib
 import numpy as np
 
 from .data import DatasetError
+from .io_safety import assign_case_names, constant_problem, input_file_problem, label_problem, read_datalist
 
 CASE_PATTERN = re.compile(r"^(?P<case>.+)_(?P<frame>ED|ES|cine)(?P<gt>_gt)?\.nii(\.gz)?$")
 _KEYS = {("ED", False): "moving", ("ED", True): "moving_label", ("ES", False): "fixed", ("ES", True): "fixed_label",
          ("cine", False): "cine"}
 FILE_KEYS = ("moving", "moving_label", "fixed", "fixed_label", "cine")
+RESERVED_NAMES = ("strain_summary.csv",)  # a case folder may not take the summary table's name
+MAX_LABEL = 255
 
 
 class CaseError(RuntimeError):
@@ -70,16 +76,23 @@ class StrainCase:
 def collect_cases(dataset_dir: str | os.PathLike | None, datalist: str | os.PathLike | None = None,
                   section: str = "testing") -> list[dict[str, Any]]:
     """The cases of a folder or of a datalist section, as dicts of absolute paths (plus ``error`` for a case that
-    cannot run, so that it is reported while the others run). A missing folder or datalist raises ``DatasetError``."""
+    cannot run, so that it is reported while the others run). Case names are checked and made unique
+    (``io_safety.assign_case_names``). A missing folder, a folder without cases or an unreadable, malformed or empty
+    datalist raises ``DatasetError``."""
     items = _datalist_items(datalist, section, dataset_dir) if datalist else _folder_items(dataset_dir)
-    seen: dict[str, int] = {}
+    assign_case_names(items, RESERVED_NAMES, describe=_describe)
     for item in items:
-        seen[item["case"]] = seen.get(item["case"], 0) + 1
-        if seen[item["case"]] > 1:
-            item["case"] = f"{item['case']}_{seen[item['case']]}"
         if not item.get("error"):
             item["error"] = _missing(item)
     return items
+
+
+def _describe(item: Mapping[str, Any]) -> str:
+    for key in ("moving_label", "moving", "cine"):
+        value = item.get(key)
+        if isinstance(value, str) or (isinstance(value, list) and value):
+            return _name(value)
+    return f"item {item['item']}" if "item" in item else ""
 
 
 def _folder_items(dataset_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
@@ -89,37 +102,34 @@ def _folder_items(dataset_dir: str | os.PathLike | None) -> list[dict[str, Any]]
     root = Path(dataset_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist.")
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as error:
+        raise DatasetError(f"{root}: cannot list the dataset folder ({error.strerror or error}).") from None
     cases: dict[str, dict[str, Any]] = {}
-    for path in sorted(root.iterdir()):
+    doubles: dict[str, list[str]] = {}
+    for path in entries:
         match = CASE_PATTERN.match(path.name)
         if match and (match["frame"], bool(match["gt"])) in _KEYS:
-            cases.setdefault(match["case"], {"case": match["case"]})[_KEYS[match["frame"], bool(match["gt"])]] = str(path)
+            case = cases.setdefault(match["case"], {"case": match["case"]})
+            key = _KEYS[match["frame"], bool(match["gt"])]
+            if key in case:  # x_ED.nii and x_ED.nii.gz: which one is meant?
+                doubles.setdefault(match["case"], []).append(f"{Path(case[key]).name} and {path.name}")
+            case[key] = str(path)
     if not cases:
         raise DatasetError(f"{root}: no <case>_ED_gt.nii.gz with <case>_ES.nii.gz or <case>_cine.nii.gz found.")
+    for name, files in doubles.items():
+        cases[name]["error"] = f"{root}: {'; '.join(files)}: two files for one frame of case '{name}'; keep one of them"
     return [cases[name] for name in sorted(cases)]
 
 
 def _datalist_items(path: str | os.PathLike, section: str, base_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{path}: not a readable JSON datalist ({error}).") from None
-    if not isinstance(content, dict) or section not in content:
-        raise DatasetError(f"{path}: has no '{section}' section.")
-    base = Path(base_dir) if base_dir else path.parent
-    items = []
-    for i, raw in enumerate(content[section]):
-        item = dict(raw)
-        for key in FILE_KEYS:
-            if isinstance(item.get(key), str):
-                item[key] = str(base / item[key])
-            elif isinstance(item.get(key), list):
-                item[key] = [str(base / v) for v in item[key]]
-        first = item.get("moving_label") or item.get("moving") or item.get("cine") or f"item{i}"
-        item.setdefault("case", _stem(first[0] if isinstance(first, list) else first).removesuffix("_ED_gt")
-                        .removesuffix("_ED").removesuffix("_cine"))
-        items.append(item)
+    items = read_datalist(path, section, base_dir, ("moving", "moving_label", "fixed", "fixed_label"), ("cine",))
+    for item in items:
+        if "case" not in item:
+            first = item.get("moving_label") or item.get("moving") or item.get("cine") or f"item{item['item']}"
+            item["case"] = (_stem(first[0] if isinstance(first, list) else first).removesuffix("_ED_gt")
+                            .removesuffix("_ED").removesuffix("_cine"))
     return items
 
 
@@ -142,8 +152,9 @@ def _stem(path: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------------------------------ reading
 def _read(path: str) -> nib.Nifti1Image:
-    if not os.path.isfile(path):
-        raise CaseError(f"{path}: file does not exist")
+    problem = input_file_problem(path)
+    if problem:
+        raise CaseError(f"{path}: {problem}")
     try:
         image = nib.load(path)
         image.get_fdata(dtype=np.float32)  # read the data now: a truncated file fails here, by name
@@ -175,12 +186,10 @@ def _image_slices(path: str) -> np.ndarray:
 def _label_slices(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     image = _read(path)
     array = _finite(np.asarray(image.dataobj, dtype=np.float32), path)
-    labels = np.rint(array)
-    if labels.min() < 0:
-        raise CaseError(f"{path}: label map has negative values")
-    if labels.max() > 255:
-        raise CaseError(f"{path}: label map has values up to {labels.max():.0f}; expected a few integer classes")
-    return _as_slices(labels.astype(np.int64), path), image
+    problem = label_problem(array, MAX_LABEL)
+    if problem:
+        raise CaseError(f"{path}: {problem}")
+    return _as_slices(np.rint(array).astype(np.int64), path), image
 
 
 def _cine_frames(value: str | Sequence[str], slices: int) -> np.ndarray:
@@ -215,7 +224,7 @@ def load_case(item: Mapping[str, Any]) -> StrainCase:
     label_path = files["moving_label"]
     ed_labels, label_image = _label_slices(label_path)
     shape = ed_labels.shape
-    notes: list[str] = []
+    notes: list[str] = list(item.get("notes") or [])
     es_labels = None
     if "cine" in files:
         frames = _cine_frames(files["cine"], shape[0])
@@ -237,6 +246,7 @@ def load_case(item: Mapping[str, Any]) -> StrainCase:
         ed_index, es_index, source = 0, 1, Path(files["fixed"]).name
         if "fixed_label" in files:
             es_labels = _label_slices(files["fixed_label"])[0]
+    _check_not_constant(files, frames)
     if frames.shape[1:] != shape:
         raise CaseError(f"{label_path}: labels of shape {_xyz(shape)} are not on the image grid of {source} "
                         f"({_xyz(frames.shape[1:])}); resample them onto the ED image first")
@@ -257,6 +267,21 @@ def load_case(item: Mapping[str, Any]) -> StrainCase:
     return StrainCase(str(item["case"]), files, frames.astype(np.float32), ed_labels, ed_index,
                       None if es_index is None else int(es_index), spacing, np.asarray(label_image.affine),
                       tuple(int(s) for s in label_image.shape), es_labels, times, notes)
+
+
+def _check_not_constant(files: Mapping[str, Any], frames: np.ndarray) -> None:
+    """A constant frame (every voxel one value) has nothing to track: fail, naming the file (and frame)."""
+    if "cine" not in files:
+        for index, key in enumerate(("moving", "fixed")):
+            problem = constant_problem(frames[index])
+            if problem:
+                raise CaseError(f"{files[key]}: {problem}")
+        return
+    cine = files["cine"]
+    for t in range(frames.shape[0]):
+        problem = constant_problem(frames[t], f"frame {t}")
+        if problem:
+            raise CaseError(f"{cine[t] if isinstance(cine, (list, tuple)) else cine}: {problem}")
 
 
 def _name(value: str | Sequence[str]) -> str:

@@ -19,6 +19,12 @@ whole or absent, and a case that fails on a rerun leaves no stale outputs behind
 ``output_dir/strain_summary.csv`` has one row per case: status, notes (every fallback taken is said there), the
 global values (``global_<direction>_<definition>``), echo GLS of the mid-wall contour, peaks, ejection fractions
 and, when ES labels are given, the Dice of the tracked ED labels at ES. The exit status is 1 when a case failed.
+
+The case name is the folder name, so it must be a plain file name (a name with ``/`` or ``\\`` or a leading ``.``
+fails by name; it is not rewritten); a duplicate name becomes ``<case>_2`` (said in the notes). Before any case the
+weights are checked (readable, finite, fitting the network) and only then ``output_dir`` is created, checked
+writable and cleared of ``.tmp-*`` / ``.old-*`` entries of a killed run (``io_safety``). Label values other than the
+configured ``labels`` are said in the notes; a non-finite displacement fails the case.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,9 +43,12 @@ import torch
 from monai.utils import str2bool
 
 from .data import DatasetError
+from .io_safety import (
+    case_name_problem, check_output_dir, create_output_dir, load_weights, pause_if_asked, remove_leftovers, temp_path,
+)
 from .metrics import folding_percentage
 from .strain_analysis import COMPONENTS, SHORT_AXIS, CaseStrain, CineRegistration, analyse_case, echo_view, peak
-from .strain_io import CaseError, StrainCase, collect_cases, load_case
+from .strain_io import FILE_KEYS, RESERVED_NAMES, CaseError, StrainCase, collect_cases, load_case
 
 logger = logging.getLogger(__name__)
 
@@ -89,35 +97,36 @@ class StrainWorkflow:
     def _load_weights(self) -> None:
         if self.ckpt_path is None:
             return
-        if not os.path.isfile(self.ckpt_path):
-            raise SystemExit(f"error: {self.ckpt_path}: displacement network weights not found (set --ckpt_path).")
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        self.network.load_state_dict(state)
+        load_weights(self.network, self.ckpt_path, "displacement network", self.device)  # SystemExit naming the file
         logger.info(f"displacement network weights: {self.ckpt_path}")
 
     def _check_output_dir(self, items: list[dict[str, Any]]) -> None:
-        out = self.output_dir.resolve()
-        folders = {Path(self.dataset_dir).resolve()} if self.dataset_dir else set()
+        """Refuse an output_dir that is an input folder or a file; creates nothing."""
+        paths = []
         for item in items:
-            for value in item.values():
-                for path in value if isinstance(value, list) else [value]:
-                    if isinstance(path, str) and os.sep in path:
-                        folders.add(Path(path).resolve().parent)
-        if out in folders:
-            raise SystemExit(f"error: output_dir {out} is an input folder; choose another (inputs are never overwritten).")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+            for key, value in item.items():
+                if key in FILE_KEYS:
+                    paths += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+        check_output_dir(self.output_dir, paths, [self.dataset_dir] if self.dataset_dir else [])
 
     # -- driver
     def run(self) -> list[dict[str, Any]]:
-        """Analyse every case; write its outputs and ``strain_summary.csv``; ``SystemExit(1)`` if a case failed."""
+        """Analyse every case; write its outputs and ``strain_summary.csv``; ``SystemExit(1)`` if a case failed.
+
+        Before any case: cases collected, ``output_dir`` checked, weights loaded and checked; then ``output_dir`` is
+        created, checked writable and cleared of a killed run's temporary entries. A problem there ends the run
+        with a message naming the file, nothing written."""
         try:
             items = collect_cases(self.dataset_dir, self.datalist, self.section)
         except DatasetError as error:
             raise SystemExit(f"error: {error}") from None
         self._check_output_dir(items)
         self._load_weights()
+        create_output_dir(self.output_dir)
+        removed = remove_leftovers(self.output_dir)
+        if removed:
+            logger.warning(f"{self.output_dir}: removed {len(removed)} temporary entr{'y' if len(removed) == 1 else 'ies'}"
+                           f" of an interrupted run: {', '.join(removed)}")
         self.rows = []
         iterator: Any = items
         if self.progress:
@@ -125,26 +134,12 @@ class StrainWorkflow:
 
             iterator = tqdm(items, desc="strain", unit="case")
         for item in iterator:
-            start = time.perf_counter()
-            row: dict[str, Any] = {"case": item["case"]}
-            try:
-                case = load_case(item)
-                result = self.analyse(case)
-                row.update(self._write_case(case, result))
-                row.update(status="ok", error="")
-                for note in result.notes:
-                    logger.warning(f"{case.case}: {note}")
-            except (CaseError, ValueError) as error:
-                row.update(status="failed", error=str(error))
-                logger.error(f"case {item['case']}: {error}")
-                shutil.rmtree(self.output_dir / _safe(item["case"]), ignore_errors=True)
-            except Exception as error:  # an unexpected failure of one case must not stop the others
-                row.update(status="failed", error=f"{type(error).__name__}: {error}")
-                logger.exception(f"case {item['case']}: unexpected error")
-                shutil.rmtree(self.output_dir / _safe(item["case"]), ignore_errors=True)
-            row["time_s"] = round(time.perf_counter() - start, 3)
-            self.rows.append(row)
-        self._write_summary()
+            self.rows.append(self._run_case(item))
+        try:
+            self._write_summary()
+        except OSError as error:
+            raise SystemExit(f"error: {self.output_dir / 'strain_summary.csv'}: cannot be written "
+                             f"({error.strerror or error}); the cases' outputs are in {self.output_dir}.") from None
         failed = [r["case"] for r in self.rows if r["status"] != "ok"]
         message = f"strain of {len(self.rows) - len(failed)} of {len(self.rows)} cases in {self.output_dir}"
         print(message + (f"; FAILED: {', '.join(failed)} (see strain_summary.csv)" if failed else ""))
@@ -152,15 +147,75 @@ class StrainWorkflow:
             raise SystemExit(1)
         return self.rows
 
+    def _run_case(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One case, whatever happens: a row with status ``ok`` or ``failed`` (the error naming the file); a failed
+        case's folder of an earlier run is removed (said in the notes)."""
+        start = time.perf_counter()
+        name = str(item["case"])
+        row: dict[str, Any] = {"case": name}
+        notes = list(item.get("notes") or [])
+        try:
+            case = load_case(item)
+            case.notes += self._label_notes(case)
+            result = self.analyse(case)
+            row.update(self._write_case(case, result))
+            row.update(status="ok", error="")
+            notes = list(result.notes)
+        except (CaseError, ValueError) as error:
+            row.update(status="failed", error=str(error))
+        except Exception as error:  # an unexpected failure of one case must not stop the others
+            where = _describe(item) or name
+            row.update(status="failed", error=f"{where}: {type(error).__name__}: {error}")
+            logger.debug(f"case {name}: unexpected error", exc_info=True)
+        if row["status"] != "ok":
+            logger.error(f"case {name}: {row['error']}")
+            stale = self.output_dir / name
+            if not case_name_problem(name, RESERVED_NAMES) and os.path.lexists(stale):  # never outside output_dir
+                try:
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale)
+                    else:
+                        stale.unlink()
+                    notes.append(f"outputs of an earlier run removed: {name}/")
+                except OSError as error:
+                    logger.warning(f"{stale}: stale outputs of an earlier run not removed ({error.strerror or error})")
+        for note in notes:
+            logger.warning(f"{name}: {note}")
+        row["notes"] = "; ".join(notes)
+        row["time_s"] = round(time.perf_counter() - start, 3)
+        return row
+
+    def _label_notes(self, case: StrainCase) -> list[str]:
+        """Label values other than the configured codes are said (they are not used as any structure)."""
+        codes = set(self.labels.values())
+        notes = []
+        for key, labels in (("moving_label", case.ed_labels), ("fixed_label", case.es_labels)):
+            if labels is None:
+                continue
+            others = sorted(set(np.unique(labels).tolist()) - codes - {0})
+            if others:
+                listed = ", ".join(map(str, others[:5])) + (", ..." if len(others) > 5 else "")
+                configured = ", ".join(f"{k}={v}" for k, v in self.labels.items())
+                notes.append(f"{Path(case.files[key]).name}: label values {listed} are not among the configured "
+                             f"labels ({configured}); not used")
+        return notes
+
     def analyse(self, case: StrainCase) -> CaseStrain:
         """Track and analyse one loaded case (no files written)."""
         displacement = self.registration.track(case, self.labels["myo"])
+        if not bool(torch.isfinite(displacement).all()):
+            weights = f" (weights {self.ckpt_path})" if self.ckpt_path else ""
+            raise CaseError(f"{_describe(case.files) or case.case}: the network gave a displacement with NaN or "
+                            f"infinite values{weights}; nothing written for this case")
         return analyse_case(case, displacement, self.labels, self.view, self.directions, self.segment_options)
 
     # -- outputs
     def _write_case(self, case: StrainCase, result: CaseStrain) -> dict[str, Any]:
-        final = self.output_dir / _safe(case.case)
-        tmp = self.output_dir / f".tmp-{uuid.uuid4().hex[:8]}-{_safe(case.case)}"
+        problem = case_name_problem(case.case, RESERVED_NAMES)  # defence in depth: collect_cases checks names
+        if problem:
+            raise CaseError(f"case name {case.case!r} {problem}")
+        final = self.output_dir / case.case
+        tmp = temp_path(final)
         tmp.mkdir()
         try:
             self._write_arrays(tmp, case, result)
@@ -169,10 +224,14 @@ class StrainWorkflow:
                 _write_csv(tmp / "curves.csv", curve_rows(case, result))
             if self.figures:
                 self._write_figures(tmp, case, result)
-            if final.exists():
-                trash = self.output_dir / f".old-{uuid.uuid4().hex[:8]}-{final.name}"
+            pause_if_asked(tmp)
+            if os.path.lexists(final):
+                trash = temp_path(final, "old")
                 os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                if trash.is_dir() and not trash.is_symlink():
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    trash.unlink()
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,10 +307,15 @@ class StrainWorkflow:
 
 
 # ------------------------------------------------------------------------------------------------------- tables
-def _safe(case: str) -> str:
-    """A case name usable as one folder name inside output_dir (no separators, not '.' or '..')."""
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(case)).strip(".")
-    return name or "case"
+def _describe(files: Any) -> str:
+    """The file that names a case in messages: its ED labels, ED image or cine."""
+    for key in ("moving_label", "moving", "cine"):
+        value = files.get(key) if isinstance(files, dict) else None
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value:
+            return str(value[0])
+    return ""
 
 
 def _display_slice(result: CaseStrain) -> int:
@@ -346,7 +410,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], keys: Sequence[str] | Non
         keys = []
         for row in rows:
             keys += [k for k in row if k not in keys]
-    target = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}" if atomic else path
+    target = temp_path(path) if atomic else path
     try:
         with open(target, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(keys), extrasaction="ignore")
