@@ -299,9 +299,10 @@ def test_cli_resume_in_its_own_folder_keeps_the_best_model(cli_training):
     before = torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=True)["best_model"]
     best_model = torch.load(ckpt / "model.pt", weights_only=True)
     assert before["best_metric_epoch"] in (1, 2) and 0 < before["best_metric"] <= 1
-    # a learning rate that wrecks the network makes the resumed epoch worse than the best so far
+    # a learning rate that wrecks the network makes the resumed epoch worse than the best so far (0.1: still
+    # finite; 1 and more overflow to Inf, which stops the run, tests/test_faults_training.py)
     result = run_cli(
-        "--config_file", "configs/train.yaml", *CLI_TRAIN[2:], "--epochs", "3", "--learning_rate", "100",
+        "--config_file", "configs/train.yaml", *CLI_TRAIN[2:], "--epochs", "3", "--learning_rate", "0.1",
         "--resume_checkpoint", str(ckpt / "checkpoint_epoch=2.pt"), "--ckpt_dir", str(ckpt),
         "--output_dir", str(root / "continued_eval"),
     )

@@ -148,13 +148,26 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert not any(Path(line.split(":")[0].strip()).name.startswith("a_") for line in lines[1:])
 
 
-def test_validation_pairs_need_labels(tmp_path):
+def test_validation_uses_the_labelled_pairs(tmp_path):
+    """Labels are optional: unlabelled cases train; every fifth *labelled* case validates (Dice needs labels)."""
     for i in range(5):
         good_case(tmp_path, f"c{i}", labels=i != 4)
-    with pytest.raises(DatasetError, match="c4_ED.nii.gz: validation pair has no labels"):
-        pair_datalist(tmp_path, "validation")
-    assert len(pair_datalist(tmp_path, "training")) == 4  # training does not need labels
+    assert [p["case"] for p in pair_datalist(tmp_path, "validation")] == ["c3"]
+    training = pair_datalist(tmp_path, "training")
+    assert [p["case"] for p in training] == ["c0", "c1", "c2", "c4"]
+    assert all(set(p) == {"case", "moving", "fixed"} for p in training)  # training does not load labels
     assert len(pair_datalist(tmp_path, "testing", require_labels=False)) == 5
+    with pytest.raises(DatasetError, match="c4_ED.nii.gz: testing pair has no labels"):
+        pair_datalist(tmp_path, "testing")
+
+
+def test_validation_needs_one_labelled_pair(tmp_path):
+    for i in range(5):
+        good_case(tmp_path, f"c{i}", labels=False)
+    with pytest.raises(DatasetError, match="c4_ED.nii.gz: validation pair has no labels") as info:
+        pair_datalist(tmp_path, "validation")
+    assert "at least one pair with both labels" in str(info.value)
+    assert len(pair_datalist(tmp_path, "training")) == 4
 
 
 # ---- datalist JSON -----------------------------------------------------------------------------------------

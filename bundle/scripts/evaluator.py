@@ -6,12 +6,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 from monai.networks.blocks import Warp
 from monai.utils import CommonKeys as Keys
 
+from .checkpoints import quiet_exception_handler
 from .trainer import PreparePairBatch
 
 LABEL_WARPS = ("onehot", "binary_bilinear")
@@ -102,6 +104,10 @@ class RegistrationEvaluator(Evaluator):
         self.label_warp = label_warp
         self.moving_label_key, self.fixed_label_key, self.true_ddf_key = moving_label_key, fixed_label_key, true_ddf_key
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
+
+    def _register_handlers(self, handlers: Sequence) -> None:
+        self.add_event_handler(Events.EXCEPTION_RAISED, quiet_exception_handler)  # see AdaCSTrainer
+        super()._register_handlers(handlers)
 
     def _select_labels(self, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.round().long()

@@ -1,4 +1,5 @@
-"""Training monitors: a warning when the scoring network's sigmoid has saturated at S = 1.
+"""Training monitors: a warning when the scoring network's sigmoid has saturated at S = 1, and a stop at the first
+non-finite loss or weight (``NonFiniteGuard``).
 
 Once the scores are 1 everywhere, the sigmoid's gradient S (1 - S) vanishes, the scoring network cannot come back,
 and AdaCS trains exactly as VoxelMorph-MSE (with another pair order) for the rest of the run. On real data this
@@ -14,9 +15,12 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from .trainer import loss_terms
+from .checkpoints import TrainingStopped, loadable_checkpoint
+from .trainer import LOSS_TERMS, loss_terms
 
 
 def epoch_mean_score(values: list[float]) -> float:
@@ -65,4 +69,92 @@ class ScoreSaturationMonitor:
             "With the paper's sigmoid (score_headroom 0) its gradient vanishes there, so AdaCS now trains as "
             "VoxelMorph-MSE and will not recover. Set score_headroom (e.g. 0.05; not the paper's) or lower alpha "
             "(e.g. 0.01 on min-max normalised cine MRI) or scoring_learning_rate."
+        )
+
+
+MOTION_TERMS = ("loss_displacement", "loss_data", "loss_grad")
+SCORING_TERMS = ("loss_scoring", "loss_ucs", "loss_reg", "loss_smooth", "mean_score")
+
+
+class NonFiniteGuard:
+    """Stop the training at the first micro-step whose loss terms, network weights or optimizer states are NaN or Inf.
+
+    Checked after every micro-step, so the run stops before the epoch's validation and checkpoint: nothing
+    computed from the diverged state is saved, and the message names the last good checkpoint in ``ckpt_dir``
+    (the savers also refuse non-finite states, ``scripts.checkpoints.AtomicDiskSaver``). Terms a phase skips are
+    reported as NaN by the trainer and are not checked (``active_terms``). Under
+    torch.distributed the verdict is shared, so every process stops at the same micro-step.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder, to name the checkpoint to resume from.
+    """
+
+    def __init__(self, ckpt_dir: str | None = None) -> None:
+        self.ckpt_dir = ckpt_dir
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    @staticmethod
+    def active_terms(engine: Engine) -> tuple[str, ...]:
+        """The loss terms this micro-step computed (the others are NaN by design)."""
+        phase = getattr(engine.state, "phase", None)
+        motion = getattr(phase, "trains_motion", True)
+        scoring = getattr(phase, "trains_scoring", True) and getattr(engine, "use_scoring", True)
+        return tuple(
+            key for key in LOSS_TERMS
+            if key in ("loss", "smoothness_weight")
+            or (motion and key in MOTION_TERMS)
+            or (scoring and key in SCORING_TERMS)
+        )
+
+    @classmethod
+    def _problems(cls, engine: Engine) -> list[str]:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]  # decollated: one dict per pair
+        problems = []
+        for key in cls.active_terms(engine):
+            values = [item[key] for item in items if isinstance(item, dict) and key in item]
+            bad = [v for v in values if isinstance(v, (torch.Tensor, float, int))
+                   and not bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all())]
+            if bad:
+                problems.append(f"{key} = {float(torch.as_tensor(bad[0], dtype=torch.float64).mean())}")
+        for name in ("displacement_network", "scoring_network"):
+            network = getattr(engine, name, None)
+            if network is None:
+                continue
+            bad = [key for key, tensor in network.named_parameters() if not bool(torch.isfinite(tensor).all())]
+            if bad:
+                problems.append(f"{name} weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        for name in ("displacement_optimizer", "scoring_optimizer"):  # e.g. Adam's second moment overflowing
+            optimizer = getattr(engine, name, None)
+            if optimizer is None:
+                continue
+            bad = sorted({key for state in optimizer.state.values() for key, value in state.items()
+                          if isinstance(value, torch.Tensor) and value.is_floating_point()
+                          and not bool(torch.isfinite(value).all())})
+            if bad:
+                problems.append(f"{name} state ({', '.join(bad)})")
+        return problems
+
+    def _check(self, engine: Engine) -> None:
+        problems = self._problems(engine)
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([float(bool(problems))], device=engine.state.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not problems:
+                problems = ["another process's loss or weights"]
+        if not problems:
+            return
+        found = loadable_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
+        if found:
+            path, epoch = found
+            trained = f" (epoch {epoch})" if epoch is not None else ""
+            last = (f"the last good checkpoint is {path}{trained}: resume from it with --resume_checkpoint \"{path}\" "
+                    "and a lower learning rate, or check the data")
+        else:
+            last = "no checkpoint had been saved yet: lower the learning rate or check the data and train again"
+        raise TrainingStopped(
+            f"training stopped at epoch {engine.state.epoch}, iteration {engine.state.iteration}: not finite (NaN or "
+            f"Inf): {'; '.join(problems)}. Nothing of this epoch was saved; {last}."
         )

@@ -32,6 +32,7 @@ from monai.networks.blocks import Warp
 from monai.utils import CommonKeys as Keys
 from torch.optim import Optimizer
 
+from .checkpoints import quiet_exception_handler
 from .losses import Direction, DisplacementLoss, ScoringLoss, foreground_mask
 from .networks import RegistrationFields, registration_fields
 from .schedule import MomentumSmoothnessWeight, Phase, phase_for_epoch
@@ -192,6 +193,12 @@ class AdaCSTrainer(Trainer):
         self.state.smoothness_weight_state = self.smoothness_weight.state_dict()
         self._state_dict_user_keys.append("smoothness_weight_state")
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+
+    def _register_handlers(self, handlers: Sequence) -> None:
+        # first EXCEPTION_RAISED handler: a TrainingStopped (non-finite loss, failed save) leaves with its message,
+        # without the traceback MONAI's StatsHandler would log
+        self.add_event_handler(Events.EXCEPTION_RAISED, quiet_exception_handler)
+        super()._register_handlers(handlers)
 
     # ---- schedule and state -------------------------------------------------------------------------------
     def phase_of(self, epoch_index: int) -> Phase:
