@@ -101,6 +101,30 @@ def remove_leftovers(folder: Path) -> list[str]:
     return sorted(removed)
 
 
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` (or name why it cannot be) and remove the leftovers of an interrupted run, saying so."""
+    create_output_dir(output_dir)
+    removed = remove_leftovers(output_dir)
+    if removed:
+        logger.warning(f"{output_dir}: removed {len(removed)} temporary entr{'y' if len(removed) == 1 else 'ies'} of "
+                       f"an interrupted run: {', '.join(removed)}")
+
+
+def list_dataset_folder(dataset_dir: str | os.PathLike | None, expected: str) -> list[Path]:
+    """The entries of an input folder, sorted; ``DatasetError`` naming the folder (or, without one, what to pass:
+    ``expected`` describes the folder's files) when it is not given, missing or unreadable."""
+    if not dataset_dir:
+        raise DatasetError(f"no input: set --dataset_dir to a folder of {expected} "
+                           "(or --datalist to a JSON with a 'testing' section).")
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder does not exist.")
+    try:
+        return sorted(root.iterdir())
+    except OSError as error:
+        raise DatasetError(f"{root}: cannot list the dataset folder ({error.strerror or error}).") from None
+
+
 # ----------------------------------------------------------------------------------------------- case names
 def case_name_problem(name: str, reserved: Iterable[str] = ()) -> str:
     """Why ``name`` cannot name outputs inside ``output_dir`` ('' when it can)."""

@@ -57,8 +57,8 @@ from torch.utils.data import Dataset
 from .data import DatasetError
 from .evaluator import one_hot
 from .io_safety import (
-    TMP_PATTERN, assign_case_names, atomic_write, case_name_problem, check_output_dir, constant_problem, create_output_dir,
-    input_file_problem, label_problem, load_weights, read_datalist, remove_leftovers,
+    TMP_PATTERN, assign_case_names, atomic_write, case_name_problem, check_output_dir, constant_problem,
+    input_file_problem, label_problem, list_dataset_folder, load_weights, prepare_output_dir, read_datalist,
 )
 from .metrics import folding_percentage
 
@@ -104,16 +104,8 @@ def collect_pairs(
             out.append(item)
         assign_case_names(out, describe=_describe)
         return out
-    if not dataset_dir:
-        raise DatasetError("no input: set --dataset_dir to a folder of <case>_ED.nii.gz / <case>_ES.nii.gz pairs "
-                           "(or --datalist to a JSON with a 'testing' section).")
+    entries = list_dataset_folder(dataset_dir, "<case>_ED.nii.gz / <case>_ES.nii.gz pairs")
     root = Path(dataset_dir)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder does not exist.")
-    try:
-        entries = sorted(root.iterdir())
-    except OSError as error:
-        raise DatasetError(f"{root}: cannot list the dataset folder ({error.strerror or error}).") from None
     cases: dict[str, dict[str, str]] = {}
     doubles: dict[str, list[str]] = {}
     for path in entries:
@@ -626,11 +618,7 @@ class PairRegistrationRunner:
             raise SystemExit(f"error: {error}") from None
         inputs = self._check_output_dir()
         registration = self.build_registration()
-        create_output_dir(self.output_dir)
-        removed = remove_leftovers(self.output_dir)
-        if removed:
-            logger.warning(f"{self.output_dir}: removed {len(removed)} temporary file(s) of an interrupted run: "
-                           f"{', '.join(removed)}")
+        prepare_output_dir(self.output_dir)
         self.rows = []
         indices: Any = range(num_cases)
         if self.progress:

@@ -29,7 +29,9 @@ import nibabel as nib
 import numpy as np
 
 from .data import DatasetError
-from .io_safety import assign_case_names, constant_problem, input_file_problem, label_problem, read_datalist
+from .io_safety import (
+    assign_case_names, constant_problem, input_file_problem, label_problem, list_dataset_folder, read_datalist,
+)
 
 CASE_PATTERN = re.compile(r"^(?P<case>.+)_(?P<frame>ED|ES|cine)(?P<gt>_gt)?\.nii(\.gz)?$")
 _KEYS = {("ED", False): "moving", ("ED", True): "moving_label", ("ES", False): "fixed", ("ES", True): "fixed_label",
@@ -96,16 +98,9 @@ def _describe(item: Mapping[str, Any]) -> str:
 
 
 def _folder_items(dataset_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
-    if not dataset_dir:
-        raise DatasetError("no input: set --dataset_dir to a folder of <case>_ED.nii.gz + <case>_ED_gt.nii.gz with "
-                           "<case>_ES.nii.gz or <case>_cine.nii.gz (or --datalist to a JSON with a 'testing' section).")
+    entries = list_dataset_folder(dataset_dir, "<case>_ED.nii.gz + <case>_ED_gt.nii.gz with <case>_ES.nii.gz or "
+                                                "<case>_cine.nii.gz")
     root = Path(dataset_dir)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder does not exist.")
-    try:
-        entries = sorted(root.iterdir())
-    except OSError as error:
-        raise DatasetError(f"{root}: cannot list the dataset folder ({error.strerror or error}).") from None
     cases: dict[str, dict[str, Any]] = {}
     doubles: dict[str, list[str]] = {}
     for path in entries:

@@ -44,7 +44,7 @@ from monai.utils import str2bool
 
 from .data import DatasetError
 from .io_safety import (
-    case_name_problem, check_output_dir, create_output_dir, load_weights, pause_if_asked, remove_leftovers, temp_path,
+    case_name_problem, check_output_dir, load_weights, pause_if_asked, prepare_output_dir, temp_path,
 )
 from .metrics import folding_percentage
 from .strain_analysis import COMPONENTS, SHORT_AXIS, CaseStrain, CineRegistration, analyse_case, echo_view, peak
@@ -122,11 +122,7 @@ class StrainWorkflow:
             raise SystemExit(f"error: {error}") from None
         self._check_output_dir(items)
         self._load_weights()
-        create_output_dir(self.output_dir)
-        removed = remove_leftovers(self.output_dir)
-        if removed:
-            logger.warning(f"{self.output_dir}: removed {len(removed)} temporary entr{'y' if len(removed) == 1 else 'ies'}"
-                           f" of an interrupted run: {', '.join(removed)}")
+        prepare_output_dir(self.output_dir)
         self.rows = []
         iterator: Any = items
         if self.progress:
