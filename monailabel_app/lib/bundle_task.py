@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 
@@ -22,8 +23,12 @@ class BundleInferTask(InferTask):
 
     def _network(self) -> torch.nn.Module:
         """The displacement network with the weights of ``model_path``, in eval mode on ``device``."""
+        from scripts.io_safety import load_weights
         from scripts.networks import DiffeomorphicVoxelMorph
 
         net = DiffeomorphicVoxelMorph()
-        net.load_state_dict(torch.load(self.model_path, map_location=self.device, weights_only=True))
+        try:  # the bundle's checks: the file named, readable, finite, fitting the network
+            load_weights(net, self.model_path, "displacement network", self.device)
+        except SystemExit as error:  # a server answers the request instead of exiting
+            raise MONAILabelException(MONAILabelError.SERVER_ERROR, str(error).removeprefix("error: ")) from None
         return net.to(self.device).eval()
