@@ -283,6 +283,18 @@ def test_score_map_option(tmp_path: Path) -> None:
     assert score.shape == (72, 72) and 0 < score.get_fdata().min() and score.get_fdata().max() < 1
 
 
+@pytest.mark.parametrize("spelling", ["false", "False", "0", "no"])
+def test_switches_written_as_on_the_command_line(tmp_path: Path, spelling: str) -> None:
+    """`--write_itk false` / `--score_map false` arrive from the bundle CLI as strings: every spelling of false is
+    false ('false' is truthy as a Python string), and 'true' turns the ITK field on."""
+    _write_pair(tmp_path / "in", "c", (72, 72), np.eye(4))
+    _run(tmp_path / "in", tmp_path / "off", ZeroDisplacement(), write_itk=spelling, score_map=spelling)
+    names = sorted(p.name for p in (tmp_path / "off").iterdir())
+    assert not [n for n in names if "_itk" in n or "_score" in n], names
+    _run(tmp_path / "in", tmp_path / "on", ZeroDisplacement(), write_itk="true")
+    assert list((tmp_path / "on").glob("c_ddf_itk.*"))
+
+
 def test_one_slice_files_get_nrrd_itk_field(tmp_path: Path) -> None:
     _write_pair(tmp_path, "c", (32, 32, 1), np.eye(4))
     _write_pair(tmp_path, "d", (32, 32, 3), np.eye(4))
