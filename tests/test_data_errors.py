@@ -63,6 +63,36 @@ def test_a_good_folder_passes(tmp_path):
     assert len(pair_datalist(tmp_path, "training")) == 4 and len(pair_datalist(tmp_path, "testing")) == 5
 
 
+def test_lower_case_frame_names_are_found(tmp_path):
+    """Users' files often come as ``case1_ed.nii.gz``: ED/ES/gt match in any case."""
+    for name in ("case1_ed", "case1_es", "case1_ed_gt", "case1_Es_GT"):
+        write(tmp_path / f"{name}.nii.gz", value=1.0 if "gt" in name.lower() else None)
+    pairs = find_pairs(tmp_path)
+    assert [p["case"] for p in pairs] == ["case1"]
+    assert pairs[0]["moving"].endswith("case1_ed.nii.gz") and pairs[0]["fixed_label"].endswith("case1_Es_GT.nii.gz")
+
+
+def test_lower_and_upper_case_of_one_frame_is_ambiguous(tmp_path):
+    good_case(tmp_path, "x", labels=False)
+    write(tmp_path / "x_ed.nii.gz")
+    with pytest.raises(DatasetError, match="two files for the same frame") as info:
+        find_pairs(tmp_path)
+    assert "x_ED.nii.gz" in str(info.value) and "x_ed.nii.gz" in str(info.value)
+
+
+def test_unmatched_files_are_named_in_one_warning(tmp_path, caplog):
+    good_case(tmp_path, "c0")
+    write(tmp_path / "scan3.nii.gz")
+    (tmp_path / "readme.txt").write_text("notes")
+    (tmp_path / ".DS_Store").write_text("")
+    with caplog.at_level("WARNING"):
+        find_pairs(tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert "readme.txt" in lines[0] and "scan3.nii.gz" in lines[0] and "<case>_ED/_ES[_gt].nii[.gz]" in lines[0]
+    assert ".DS_Store" not in lines[0]  # hidden files are skipped quietly
+
+
 def test_a_one_slice_volume_counts_as_2d(tmp_path):
     good_case(tmp_path, "slice", shape=(32, 32, 1))
     assert check_pairs(find_pairs(tmp_path)) == []

@@ -295,6 +295,22 @@ def test_switches_written_as_on_the_command_line(tmp_path: Path, spelling: str) 
     assert list((tmp_path / "on").glob("c_ddf_itk.*"))
 
 
+def test_collect_pairs_lower_case_names_and_ignored_files(tmp_path: Path, caplog) -> None:
+    """``case1_ed.nii.gz`` / ``case1_es.nii.gz`` form a pair; a file outside the naming rule is named in the log."""
+    _write_pair(tmp_path, "ok", (32, 32), np.eye(4))
+    for old, new in (("ok_ED", "case1_ed"), ("ok_ES", "case1_es")):
+        (tmp_path / f"{old}.nii.gz").rename(tmp_path / f"{new}.nii.gz")
+    (tmp_path / "case2_end.nii.gz").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        items = collect_pairs(str(tmp_path))
+    assert [(i["case"], i.get("error")) for i in items] == [("case1", None)]
+    assert items[0]["moving"].endswith("case1_ed.nii.gz") and items[0]["fixed"].endswith("case1_es.nii.gz")
+    assert "ignored 1 file" in caplog.text and "case2_end.nii.gz" in caplog.text
+    (tmp_path / "case1_ED.nii.gz").write_bytes(b"")  # beside case1_ed.nii.gz: which one is meant?
+    (error,) = [i["error"] for i in collect_pairs(str(tmp_path))]
+    assert "case1_ED.nii.gz and case1_ed.nii.gz" in error and "two files for one frame" in error
+
+
 def test_one_slice_files_get_nrrd_itk_field(tmp_path: Path) -> None:
     _write_pair(tmp_path, "c", (32, 32, 1), np.eye(4))
     _write_pair(tmp_path, "d", (32, 32, 3), np.eye(4))

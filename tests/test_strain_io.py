@@ -47,6 +47,23 @@ def test_folder_cases_pair_cine_and_missing_labels(tmp_path):
         load_case(items["c"])
 
 
+def test_lower_case_names_and_ignored_files(tmp_path, caplog):
+    save(tmp_path / "a_ed.nii.gz", np.random.rand(24, 20).astype(np.float32))
+    save(tmp_path / "a_es.nii.gz", np.random.rand(24, 20).astype(np.float32))
+    save(tmp_path / "a_ed_gt.nii.gz", labels_2d())
+    save(tmp_path / "b_Cine.nii.gz", np.random.rand(24, 20, 5).astype(np.float32))
+    save(tmp_path / "b_ED_GT.nii.gz", labels_2d())
+    save(tmp_path / "b_cine_gt.nii.gz", labels_2d())  # no rule takes cine labels
+    (tmp_path / "notes.txt").write_text("x")
+    with caplog.at_level("WARNING"):
+        items = {item["case"]: item for item in collect_cases(str(tmp_path))}
+    assert set(items) == {"a", "b"}
+    assert not items["a"]["error"] and not items["b"]["error"], items
+    assert items["b"]["cine"].endswith("b_Cine.nii.gz")
+    assert "ignored 2 files" in caplog.text and "b_cine_gt.nii.gz, notes.txt" in caplog.text
+    assert load_case(items["a"]).num_frames == 2
+
+
 def test_4d_cine_is_time_then_slices(tmp_path):
     x, y, z, t = 12, 10, 3, 4
     volume = np.zeros((x, y, z, t), np.float32)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Sequence, Sized
 
@@ -38,7 +37,6 @@ from .phantom import phantom_datalist
 PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
 IMAGE_KEYS = ("moving", "fixed")
 LABEL_KEYS = ("moving_label", "fixed_label")
-_PAIR_PATTERN = re.compile(r"^(?P<case>.+)_(?P<phase>ED|ES)(?P<gt>_gt)?\.nii(\.gz)?$")
 
 logger = logging.getLogger(__name__)
 _said: set[str] = set()
@@ -56,25 +54,24 @@ class DatasetError(ValueError):
 
 
 def find_pairs(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """Pairs in ``dataset_dir`` by the naming rule ``<case>_ED[_gt].nii[.gz]`` / ``<case>_ES[_gt].nii[.gz]``.
+    """Pairs in ``dataset_dir`` by the naming rule ``<case>_ED[_gt].nii[.gz]`` / ``<case>_ES[_gt].nii[.gz]``
+    (``ED``/``ES``/``gt`` in any case: ``x_ed.nii.gz``); other files are named in one warning, hidden ones skipped.
 
     A case with only one of ED/ES is an error; labels are kept only when both frames have one.
     """
     root = Path(dataset_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist (set --dataset_dir to a folder of NIfTI pairs).")
+    from .io_safety import PAIR_FRAMES, PAIR_RULE, match_named_files  # io_safety imports this module
+
     cases: dict[str, dict[str, str]] = {}
     problems = []
-    for path in sorted(root.iterdir()):
-        match = _PAIR_PATTERN.match(path.name)
-        if match:
-            key = {"ED": "moving", "ES": "fixed"}[match["phase"]] + ("_label" if match["gt"] else "")
-            files = cases.setdefault(match["case"], {})
-            if key in files:  # x_ED.nii and x_ED.nii.gz: which one is meant cannot be guessed
-                problems.append(f"{files[key]} and {path}: two files for the same frame of case "
-                                f"'{match['case']}' (keep one)")
-                continue
-            files[key] = str(path)
+    for path, case, key in match_named_files(sorted(root.iterdir()), PAIR_FRAMES, PAIR_RULE, root, _say_once):
+        files = cases.setdefault(case, {})
+        if key in files:  # x_ED.nii and x_ED.nii.gz (or x_ed.nii.gz): which one is meant cannot be guessed
+            problems.append(f"{files[key]} and {path}: two files for the same frame of case '{case}' (keep one)")
+            continue
+        files[key] = str(path)
     pairs = []
     for case, files in sorted(cases.items()):
         missing = [k for k in IMAGE_KEYS if k not in files]

@@ -125,6 +125,48 @@ def list_dataset_folder(dataset_dir: str | os.PathLike | None, expected: str) ->
         raise DatasetError(f"{root}: cannot list the dataset folder ({error.strerror or error}).") from None
 
 
+# ------------------------------------------------------------------------------------------- naming rules
+PAIR_FRAMES = {("ED", False): "moving", ("ED", True): "moving_label", ("ES", False): "fixed", ("ES", True): "fixed_label"}
+PAIR_RULE = "<case>_ED/_ES[_gt].nii[.gz]"
+MAX_IGNORED_LISTED = 5
+
+
+def frame_pattern(frames: Iterable[str]) -> re.Pattern:
+    """``<case>_<frame>[_gt].nii[.gz]``, the frame names and ``_gt`` matched ignoring case (``x_ed.nii.gz``)."""
+    names = "|".join(re.escape(f) for f in frames)
+    return re.compile(rf"^(?P<case>.+)_(?P<frame>(?i:{names}))(?P<gt>(?i:_gt))?\.nii(?:\.gz)?$")
+
+
+def match_named_files(
+    entries: Iterable[Path], keys: Mapping[tuple[str, bool], str], rule: str, where: str | os.PathLike = "",
+    say: Callable[[str], None] | None = None,
+) -> list[tuple[Path, str, str]]:
+    """``(path, case, key)`` for each entry named ``<case>_<frame>[_gt].nii[.gz]`` with ``(frame, gt)`` in ``keys``
+    (frame names compared ignoring case: ``_ed`` is ``_ED``). Hidden entries are skipped quietly; every other entry
+    that matches no rule is named in one warning (``say``, default ``logger.warning``), at most
+    ``MAX_IGNORED_LISTED`` of them by name, with the ``rule`` a file must follow."""
+    canonical = {frame.casefold(): frame for frame, _ in keys}
+    pattern = frame_pattern(canonical.values())
+    found, ignored = [], []
+    for path in entries:
+        path = Path(path)
+        if path.name.startswith("."):
+            continue
+        match = pattern.match(path.name)
+        key = keys.get((canonical[match["frame"].casefold()], bool(match["gt"]))) if match else None
+        if key is None:
+            ignored.append(path.name + ("/" if path.is_dir() else ""))
+            continue
+        found.append((path, match["case"], key))
+    if ignored:
+        listed = ", ".join(ignored[:MAX_IGNORED_LISTED]) + (f", ... ({len(ignored) - MAX_IGNORED_LISTED} more)"
+                                                            if len(ignored) > MAX_IGNORED_LISTED else "")
+        count = "1 file that matches" if len(ignored) == 1 else f"{len(ignored)} files that match"
+        (say or logger.warning)(f"{str(where) + ': ' if str(where) else ''}ignored {count} no naming rule "
+                                f"(not {rule}): {listed}")
+    return found
+
+
 # ----------------------------------------------------------------------------------------------- case names
 def case_name_problem(name: str, reserved: Iterable[str] = ()) -> str:
     """Why ``name`` cannot name outputs inside ``output_dir`` ('' when it can)."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +58,13 @@ from .evaluator import one_hot
 from .io_safety import (
     TMP_PATTERN, assign_case_names, atomic_write, case_name_problem, check_output_dir, constant_problem,
     input_file_problem, label_problem, list_dataset_folder, load_weights, prepare_output_dir, read_datalist,
+    PAIR_FRAMES, PAIR_RULE, frame_pattern, match_named_files,
 )
 from .metrics import folding_percentage
 
 logger = logging.getLogger(__name__)
 
-PAIR_PATTERN = re.compile(r"^(?P<case>.+)_(?P<phase>ED|ES)(?P<gt>_gt)?\.nii(\.gz)?$")
+PAIR_PATTERN = frame_pattern(("ED", "ES"))  # the naming rule; ED/ES/_gt in any case (x_ed.nii.gz)
 FILE_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
 OUTPUT_SUFFIXES = ("_ddf.nii.gz", "_ddf_itk.nii.gz", "_ddf_itk.nrrd", "_warped.nii.gz", "_warped_gt.nii.gz", "_score.nii.gz")
 MAX_LABEL = 255  # label maps with larger values fail by name (an image given as labels, a corrupt file)
@@ -84,7 +84,9 @@ def collect_pairs(
 ) -> list[dict[str, Any]]:
     """Every case of a folder (naming rule) or of a datalist JSON section, as dicts of file paths.
 
-    A case that cannot run (no partner frame; ``x_ED.nii`` next to ``x_ED.nii.gz``; a datalist item that is not an
+    Folder files follow the naming rule with ``ED``/``ES``/``gt`` in any case (``x_ed.nii.gz``); other files are named
+    in one warning (hidden ones skipped). A case that cannot run (no partner frame; ``x_ED.nii`` next to
+    ``x_ED.nii.gz`` or ``x_ed.nii.gz``; a datalist item that is not an
     object, lacks ``moving`` / ``fixed`` or has a non-string path; a case name that is not a plain file name) is
     returned with an ``error`` entry instead of raising, so that it is reported while the other cases run. Case names
     are made unique (``io_safety.assign_case_names``: a later duplicate becomes ``<name>_2``, said in its ``notes``).
@@ -108,14 +110,11 @@ def collect_pairs(
     root = Path(dataset_dir)
     cases: dict[str, dict[str, str]] = {}
     doubles: dict[str, list[str]] = {}
-    for path in entries:
-        match = PAIR_PATTERN.match(path.name)
-        if match:
-            key = {"ED": "moving", "ES": "fixed"}[match["phase"]] + ("_label" if match["gt"] else "")
-            files = cases.setdefault(match["case"], {})
-            if key in files:  # x_ED.nii and x_ED.nii.gz: which one is meant?
-                doubles.setdefault(match["case"], []).append(f"{Path(files[key]).name} and {path.name}")
-            files[key] = str(path)
+    for path, case, key in match_named_files(entries, PAIR_FRAMES, PAIR_RULE, root):
+        files = cases.setdefault(case, {})
+        if key in files:  # x_ED.nii and x_ED.nii.gz (or x_ed.nii.gz): which one is meant?
+            doubles.setdefault(case, []).append(f"{Path(files[key]).name} and {path.name}")
+        files[key] = str(path)
     if not cases:
         raise DatasetError(f"{root}: no <case>_ED.nii.gz / <case>_ES.nii.gz files found.")
     out = []

@@ -5,7 +5,8 @@ A case is an ED frame with its labels and either an ES frame or a whole cine:
 * in a folder, by the inference naming rule plus one name: ``<case>_ED.nii.gz`` (image), ``<case>_ED_gt.nii.gz``
   (labels, required), then ``<case>_ES.nii.gz`` (optional ``<case>_ES_gt.nii.gz``, used to score the tracked labels)
   **or** ``<case>_cine.nii.gz`` (the whole cycle: ``X x Y x T`` for one slice, ``X x Y x Z x T`` for a stack; the ED
-  image is then the cine's frame ``ed_index``, 0 unless a datalist says otherwise);
+  image is then the cine's frame ``ed_index``, 0 unless a datalist says otherwise); ``ED``/``ES``/``cine``/``gt`` in
+  any case (``x_ed.nii.gz``); other files are named in one warning (hidden ones skipped);
 * or the ``testing`` section of a datalist JSON whose items name ``moving`` (ED), ``moving_label`` (ED labels),
   ``fixed`` (ES) and optionally ``fixed_label``, or ``cine`` (one 3D/4D file or a list of per-frame files) with
   optional ``ed_index``, ``es_index`` and ``trigger_ms`` (one time per frame), and optionally ``case``.
@@ -20,7 +21,6 @@ values, grids that differ. See ``io_safety`` for the shared rules.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,9 +31,11 @@ import numpy as np
 from .data import DatasetError
 from .io_safety import (
     assign_case_names, constant_problem, input_file_problem, label_problem, list_dataset_folder, read_datalist,
+    frame_pattern, match_named_files,
 )
 
-CASE_PATTERN = re.compile(r"^(?P<case>.+)_(?P<frame>ED|ES|cine)(?P<gt>_gt)?\.nii(\.gz)?$")
+CASE_PATTERN = frame_pattern(("ED", "ES", "cine"))  # ED/ES/cine/_gt in any case (x_ed.nii.gz)
+CASE_RULE = "<case>_ED[_gt]/_ES[_gt]/_cine.nii[.gz]"
 _KEYS = {("ED", False): "moving", ("ED", True): "moving_label", ("ES", False): "fixed", ("ES", True): "fixed_label",
          ("cine", False): "cine"}
 FILE_KEYS = ("moving", "moving_label", "fixed", "fixed_label", "cine")
@@ -103,14 +105,11 @@ def _folder_items(dataset_dir: str | os.PathLike | None) -> list[dict[str, Any]]
     root = Path(dataset_dir)
     cases: dict[str, dict[str, Any]] = {}
     doubles: dict[str, list[str]] = {}
-    for path in entries:
-        match = CASE_PATTERN.match(path.name)
-        if match and (match["frame"], bool(match["gt"])) in _KEYS:
-            case = cases.setdefault(match["case"], {"case": match["case"]})
-            key = _KEYS[match["frame"], bool(match["gt"])]
-            if key in case:  # x_ED.nii and x_ED.nii.gz: which one is meant?
-                doubles.setdefault(match["case"], []).append(f"{Path(case[key]).name} and {path.name}")
-            case[key] = str(path)
+    for path, name, key in match_named_files(entries, _KEYS, CASE_RULE, root):
+        case = cases.setdefault(name, {"case": name})
+        if key in case:  # x_ED.nii and x_ED.nii.gz (or x_ed.nii.gz): which one is meant?
+            doubles.setdefault(name, []).append(f"{Path(case[key]).name} and {path.name}")
+        case[key] = str(path)
     if not cases:
         raise DatasetError(f"{root}: no <case>_ED_gt.nii.gz with <case>_ES.nii.gz or <case>_cine.nii.gz found.")
     for name, files in doubles.items():
