@@ -16,7 +16,7 @@ best_checkpoint = load_repo_script("best_checkpoint")
 def metrics_line(epoch: int, mean_dice: float, myo: float, hd95: float) -> str:
     """A validation line as the bundle's StatsHandler prints it."""
     return (f"2026-12-02 14:56:52,715 - INFO - Epoch[{epoch}] Metrics -- val_asd: inf val_dice_lv: 0.8066 "
-            f"val_dice_myo: {myo:.4f} val_dice_rv: 0.5997 val_epe: 0.0000 val_folding_pct: 0.0000 val_hd: inf "
+            f"val_dice_myo: {myo:.4f} val_dice_rv: 0.5997 val_epe: nan val_folding_pct: 0.0000 val_hd: inf "
             f"val_hd95: {hd95:.4f} val_mean_dice: {mean_dice:.4f} \n")
 
 

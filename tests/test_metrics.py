@@ -107,3 +107,28 @@ def test_output_transforms():
     preds, labels = select_label(2)([{"warped_label": onehot, "label": onehot * 2}])
     assert preds[0].shape == (1, 3, 3)
     assert torch.equal(preds[0], onehot[2:3]) and torch.equal(labels[0], 2 * onehot[2:3])
+
+
+def test_end_point_error_without_a_true_field_is_nan_not_zero():
+    """File pairs have no true field: the aggregate EPE is NaN (console, metrics.csv), never 0 (issue 31)."""
+    from ignite.engine import Engine
+    from monai.handlers import IgniteMetricHandler
+
+    ones = torch.ones(1, 2, 4, 4)
+    epe = EndPointErrorMetric(get_not_nans=True)
+    epe(ones, torch.full_like(ones, float("nan")))
+    epe(ones, torch.full_like(ones, float("nan")))
+    value, not_nans = epe.aggregate()
+    assert math.isnan(value.item()) and not_nans.item() == 0
+
+    def run(outputs: list[list[dict]]) -> float:
+        engine = Engine(lambda e, batch: batch)
+        IgniteMetricHandler(metric_fn=EndPointErrorMetric(), output_transform=field_and_truth).attach(engine, "val_epe")
+        engine.run(outputs, max_epochs=1)
+        return engine.state.metrics["val_epe"]
+
+    pred = torch.ones(2, 4, 4)
+    assert math.isnan(run([[{"pred": pred}, {"pred": pred}], [{"pred": pred}]]))  # no case has a true field
+    # some cases have one: the mean over those (the phantom, every case known, is unchanged)
+    mixed = run([[{"pred": pred, "true_ddf": torch.zeros_like(pred)}, {"pred": pred}]])
+    assert mixed == pytest.approx(math.sqrt(2))

@@ -58,6 +58,10 @@ class _PerCaseMetric(CumulativeIterationMetric):
         if not isinstance(data, torch.Tensor):
             raise ValueError("the data to aggregate must be a PyTorch Tensor.")
         f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        if isinstance(not_nans, torch.Tensor) and isinstance(f, torch.Tensor):
+            # MONAI reduces "no case has a value" (e.g. no true field: file pairs) to 0; a metric that cannot be
+            # computed is NaN, never 0 (the mean is over the cases that have a value)
+            f = torch.where(not_nans > 0, f, torch.full_like(f, float("nan")))
         return (f, not_nans) if self.get_not_nans else f
 
 
