@@ -6,7 +6,7 @@ import logging
 import math
 
 import pytest
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE
@@ -87,3 +87,50 @@ def test_train_yaml_trainer_reports_saturation(tmp_path, caplog, overrides, satu
     warned = any(WARNING in r.getMessage() for r in caplog.records)
     assert warned == saturates
     assert (trainer.state.score_saturation_epoch is not None) == saturates
+
+
+def test_train_yaml_console_names_the_phase_and_prints_only_active_terms(tmp_path, caplog):
+    """The console line says which phase runs and leaves out the terms it skips (NaN by design), issue 31."""
+    trainer = tiny_trainer(tmp_path, epochs=2, epoch_length=2, log_every=1)  # 1 displacement warm-up, 1 scoring epoch
+    stats_logger = logging.getLogger("monai.handlers.StatsHandler")  # does not propagate: listen to it directly
+    stats_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="monai.handlers.StatsHandler"):
+            trainer.run()
+    finally:
+        stats_logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if "Iter:" in r.getMessage() and "loss" in r.getMessage()]
+    motion = [line for line in lines if line.startswith("Epoch: 1/")]
+    scoring = [line for line in lines if line.startswith("Epoch: 2/")]
+    assert motion and scoring, lines
+    for line in lines:
+        assert "nan" not in line.lower(), line  # an inactive term printed as nan reads as divergence
+    assert all("phase: displacement warm-up" in line and "loss_data:" in line and "loss_ucs" not in line
+               for line in motion), motion
+    assert all("phase: scoring warm-up" in line and "loss_ucs:" in line and "loss_data" not in line
+               for line in scoring), scoring
+
+
+def test_console_still_prints_an_active_term_that_is_really_nan(caplog):
+    """Only the terms the phase skips are left out: a real NaN in an active term is printed (and stops the run)."""
+    from scripts.checkpoints import TrainingStopped
+    from scripts.monitoring import NonFiniteGuard, PhaseStatsHandler
+    from scripts.schedule import Phase
+    from scripts.trainer import loss_terms
+
+    nan = math.nan
+    output = {"loss": nan, "loss_displacement": nan, "loss_data": nan, "loss_grad": 0.0, "loss_scoring": nan,
+              "loss_ucs": nan, "loss_reg": nan, "loss_smooth": nan, "smoothness_weight": 0.5, "mean_score": nan}
+    engine = Engine(lambda e, batch: output)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "phase", Phase.MOTION))
+    PhaseStatsHandler(output_transform=loss_terms, name="phase_stats_test").attach(engine)
+    NonFiniteGuard().attach(engine)
+    logger = logging.getLogger("phase_stats_test")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="phase_stats_test"), pytest.raises(TrainingStopped, match="loss_data"):
+            engine.run([0], max_epochs=1)
+    finally:
+        logger.removeHandler(caplog.handler)
+    line = next(r.getMessage() for r in caplog.records if "Iter:" in r.getMessage())
+    assert "phase: displacement warm-up" in line and "loss_data: nan" in line and "loss_ucs" not in line, line

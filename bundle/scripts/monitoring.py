@@ -18,6 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.handlers import StatsHandler
 
 from .checkpoints import TrainingStopped, loadable_checkpoint
 from .trainer import LOSS_TERMS, loss_terms
@@ -74,6 +75,48 @@ class ScoreSaturationMonitor:
 
 MOTION_TERMS = ("loss_displacement", "loss_data", "loss_grad")
 SCORING_TERMS = ("loss_scoring", "loss_ucs", "loss_reg", "loss_smooth", "mean_score")
+
+
+def phase_label(engine: Engine) -> str:
+    """What the current epoch trains, in words, for the console log."""
+    phase = getattr(engine.state, "phase", None)
+    if phase is None:
+        return "unknown"
+    if not getattr(engine, "use_scoring", True):
+        return "displacement only (no scoring network)"
+    if not phase.trains_scoring:
+        return "displacement warm-up"
+    if not phase.trains_motion:
+        return "scoring warm-up"
+    return "joint"
+
+
+class PhaseStatsHandler(StatsHandler):
+    """``StatsHandler`` for the training console line: names the phase and prints only the terms it computes.
+
+    The trainer reports the terms a phase skips as NaN (e.g. every scoring term during the displacement warm-up);
+    printed, they read as divergence. The console line leaves them out and says which phase runs
+    (``phase: displacement warm-up -- loss: ...``). Which terms are active comes from ``NonFiniteGuard.active_terms``,
+    so an active term that is really NaN is still printed (and stops the run, ``NonFiniteGuard``).
+    TensorBoard keeps every term (``TensorBoardStatsHandler``).
+    """
+
+    def _default_iteration_print(self, engine: Engine) -> None:
+        terms = self.output_transform(engine.state.output)
+        if not isinstance(terms, dict) or getattr(engine.state, "phase", None) is None:
+            super()._default_iteration_print(engine)
+            return
+        active = set(NonFiniteGuard.active_terms(engine))
+        out_str = "".join(
+            self.key_var_format.format(name, float(terms[name])) for name in sorted(terms) if name in active
+        )
+        num_iterations = engine.state.epoch_length
+        current_iteration = engine.state.iteration
+        if num_iterations is not None:
+            current_iteration = (current_iteration - 1) % num_iterations + 1
+        base_str = (f"Epoch: {engine.state.epoch}/{engine.state.max_epochs}, Iter: {current_iteration}/{num_iterations}"
+                    f" -- phase: {phase_label(engine)} --")
+        self.logger.info(" ".join([base_str, out_str]))
 
 
 class NonFiniteGuard:
