@@ -149,3 +149,16 @@ def test_strain_through_monailabel_server(server: dict) -> None:
         value = 100.0 * float(expected.global_curves[key][expected.es_index])
         assert params["global"][key] == pytest.approx(value, abs=0.02)
     assert set(params["segments"]) == {str(s) for s in range(7, 13)}
+
+
+@pytest.mark.slow
+def test_strain_request_errors_name_the_problem(server: dict) -> None:
+    """A strain request on an image that is not an ED frame is refused, the server's log saying what to pass."""
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        _post(f"{server['url']}/infer/adacs_strain?image={server['case']}_ES&output=json")
+    assert raised.value.code >= 400  # MONAI Label 0.8.5 answers "Internal Server Error"; the reason is in its log
+    deadline = time.time() + 30
+    while "is not named <case>_ED" not in (log := (server["tmp"] / "server.log").read_text(errors="replace")):
+        assert time.time() < deadline, log[-2000:]
+        time.sleep(1)
+    assert "pass the ES image id as 'fixed'" in log

@@ -101,6 +101,15 @@ def remove_leftovers(folder: Path) -> list[str]:
     return sorted(removed)
 
 
+def nifti_stem(path: str | os.PathLike) -> str:
+    """A file's name without ``.nii.gz`` / ``.nii`` (or its last suffix): the default case name of a datalist item."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
 def prepare_output_dir(output_dir: Path) -> None:
     """Create ``output_dir`` (or name why it cannot be) and remove the leftovers of an interrupted run, saying so."""
     create_output_dir(output_dir)

@@ -56,9 +56,9 @@ from torch.utils.data import Dataset
 from .data import DatasetError
 from .evaluator import one_hot
 from .io_safety import (
-    TMP_PATTERN, assign_case_names, atomic_write, case_name_problem, check_output_dir, constant_problem,
-    input_file_problem, label_problem, list_dataset_folder, load_weights, prepare_output_dir, read_datalist,
-    PAIR_FRAMES, PAIR_RULE, frame_pattern, match_named_files,
+    PAIR_FRAMES, PAIR_RULE, TMP_PATTERN, assign_case_names, atomic_write, case_name_problem, check_output_dir,
+    constant_problem, frame_pattern, input_file_problem, label_problem, list_dataset_folder, load_weights,
+    match_named_files, nifti_stem, prepare_output_dir, read_datalist,
 )
 from .metrics import folding_percentage
 
@@ -102,7 +102,7 @@ def collect_pairs(
                     item["error"] = (f"{datalist}: item {item['item']} of '{section}' has no "
                                      f"{' or '.join(repr(k) for k in missing)} entry")
             if "case" not in item:
-                item["case"] = _stem(item["moving"]) if "moving" in item else f"item{item['item']}"
+                item["case"] = nifti_stem(item["moving"]) if "moving" in item else f"item{item['item']}"
             out.append(item)
         assign_case_names(out, describe=_describe)
         return out
@@ -137,14 +137,6 @@ def _describe(item: Mapping[str, Any]) -> str:
     if isinstance(item.get("moving"), str):
         return Path(item["moving"]).name
     return f"item {item['item']}" if "item" in item else ""
-
-
-def _stem(path: str | os.PathLike) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 @dataclass

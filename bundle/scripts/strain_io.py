@@ -30,8 +30,8 @@ import numpy as np
 
 from .data import DatasetError
 from .io_safety import (
-    assign_case_names, constant_problem, input_file_problem, label_problem, list_dataset_folder, read_datalist,
-    frame_pattern, match_named_files,
+    assign_case_names, constant_problem, frame_pattern, input_file_problem, label_problem, list_dataset_folder,
+    match_named_files, nifti_stem, read_datalist,
 )
 
 CASE_PATTERN = frame_pattern(("ED", "ES", "cine"))  # ED/ES/cine/_gt in any case (x_ed.nii.gz)
@@ -122,7 +122,7 @@ def _datalist_items(path: str | os.PathLike, section: str, base_dir: str | os.Pa
     for item in items:
         if "case" not in item:
             first = item.get("moving_label") or item.get("moving") or item.get("cine") or f"item{item['item']}"
-            item["case"] = (_stem(first[0] if isinstance(first, list) else first).removesuffix("_ED_gt")
+            item["case"] = (nifti_stem(first[0] if isinstance(first, list) else first).removesuffix("_ED_gt")
                             .removesuffix("_ED").removesuffix("_cine"))
     return items
 
@@ -134,14 +134,6 @@ def _missing(item: Mapping[str, Any]) -> str:
     if not item.get("cine") and not (item.get("moving") and item.get("fixed")):
         return f"{have}: case '{item['case']}' needs an ED and an ES image (<case>_ED, <case>_ES) or a cine (<case>_cine)"
     return ""
-
-
-def _stem(path: str | os.PathLike) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 # ------------------------------------------------------------------------------------------------------ reading

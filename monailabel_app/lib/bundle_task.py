@@ -5,8 +5,18 @@ from __future__ import annotations
 import os
 
 import torch
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+
+def image_id(path: str) -> str:
+    """The datastore id of an image file: its name without ``.nii.gz`` / ``.nii``."""
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
 
 
 class BundleInferTask(InferTask):
@@ -32,3 +42,26 @@ class BundleInferTask(InferTask):
         except SystemExit as error:  # a server answers the request instead of exiting
             raise MONAILabelException(MONAILabelError.SERVER_ERROR, str(error).removeprefix("error: ")) from None
         return net.to(self.device).eval()
+
+    def _partner(self, request: dict, own: str, partner: str, param: str) -> tuple[str, str, str]:
+        """(request image id, partner frame id, partner image uri): the case's other frame, ``<case>_<partner>`` when
+        the request's image is ``<case>_<own>``, or the request's ``param`` id."""
+        own_id = image_id(request["image"])
+        suffix = f"_{own}"
+        partner_id = request.get(param) or (own_id[: -len(suffix)] + f"_{partner}" if own_id.endswith(suffix) else "")
+        if not partner_id:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                      f"image '{own_id}' is not named <case>_{own}; pass the {partner} image id as '{param}'")
+        uri = self.datastore().get_image_uri(partner_id)
+        if not uri:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                      f"{partner} frame '{partner_id}' of '{own_id}' is not in the datastore")
+        return own_id, partner_id, uri
+
+    def _final_label(self, image: str, purpose: str) -> str:
+        """The uri of ``image``'s final label, or a request error saying what it is needed for."""
+        label = self.datastore().get_label_uri(image, DefaultLabelTag.FINAL.value)
+        if not label:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                      f"ED frame '{image}' has no final label in the datastore ({purpose})")
+        return label

@@ -16,19 +16,11 @@ from typing import Any, Callable, Dict, Tuple, Union
 
 import nibabel as nib
 import numpy as np
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.bundle_task import BundleInferTask
-
-
-def _image_id(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 class LabelPropagationTask(BundleInferTask):
@@ -62,21 +54,8 @@ class LabelPropagationTask(BundleInferTask):
         return self._registration
 
     def _moving(self, request: Dict[str, Any]) -> Tuple[str, str, str]:
-        fixed_id = _image_id(request["image"])
-        moving_id = request.get("moving") or (fixed_id[:-3] + "_ED" if fixed_id.endswith("_ES") else "")
-        if not moving_id:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
-                                      f"image '{fixed_id}' is not named <case>_ES; pass the ED image id as 'moving'")
-        store = self.datastore()
-        moving = store.get_image_uri(moving_id)
-        if not moving:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
-                                      f"ED frame '{moving_id}' of '{fixed_id}' is not in the datastore")
-        label = store.get_label_uri(moving_id, DefaultLabelTag.FINAL.value)
-        if not label:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
-                                      f"ED frame '{moving_id}' has no final label in the datastore to propagate")
-        return moving_id, moving, label
+        _, moving_id, moving = self._partner(request, "ES", "ED", "moving")
+        return moving_id, moving, self._final_label(moving_id, "to propagate")
 
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
         from scripts.registration_io import PairError, load_pair

@@ -17,12 +17,11 @@ from typing import Any, Callable, Dict, Tuple, Union
 
 import nibabel as nib
 import numpy as np
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.bundle_task import BundleInferTask
-from lib.propagation import _image_id
 
 ACDC_LABELS = {"rv": 1, "myo": 2, "lv": 3}
 
@@ -61,22 +60,9 @@ class StrainTask(BundleInferTask):
         return self._registration
 
     def _case(self, request: Dict[str, Any]) -> Dict[str, str]:
-        moving_id = _image_id(request["image"])
-        fixed_id = request.get("fixed") or (moving_id[:-3] + "_ES" if moving_id.endswith("_ED") else "")
-        if not fixed_id:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
-                                      f"image '{moving_id}' is not named <case>_ED; pass the ES image id as 'fixed'")
-        store = self.datastore()
-        fixed = store.get_image_uri(fixed_id)
-        if not fixed:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
-                                      f"ES frame '{fixed_id}' of '{moving_id}' is not in the datastore")
-        label = store.get_label_uri(moving_id, DefaultLabelTag.FINAL.value)
-        if not label:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT,
-                                      f"ED frame '{moving_id}' has no final label in the datastore (strain needs it)")
-        return {"case": moving_id[:-3] if moving_id.endswith("_ED") else moving_id, "moving": request["image"],
-                "moving_label": label, "fixed": fixed}
+        moving_id, _, fixed = self._partner(request, "ED", "ES", "fixed")
+        label = self._final_label(moving_id, "strain needs it")
+        return {"case": moving_id.removesuffix("_ED"), "moving": request["image"], "moving_label": label, "fixed": fixed}
 
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
         from scripts.strain_analysis import analyse_case
