@@ -29,6 +29,9 @@ TRAIN = str(CONFIGS / "train.yaml")
 EVALUATE = str(CONFIGS / "evaluate.yaml")
 INFERENCE = str(CONFIGS / "inference.yaml")
 MULTI_GPU = str(CONFIGS / "multi_gpu_train.yaml")
+INFERENCE_ECHO = str(CONFIGS / "inference_echo.yaml")
+STRAIN = str(CONFIGS / "strain.yaml")
+STRAIN_ECHO = str(CONFIGS / "strain_echo.yaml")
 # small enough to build in seconds (32 x 32 phantom, a handful of pairs)
 TINY = {"image_size": [32, 32], "num_train_pairs": 4, "num_val_pairs": 2, "epoch_length": 2, "batch_size": 2}
 
@@ -54,8 +57,9 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 # ---- parsing -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "files",
-    [[TRAIN], [TRAIN, EVALUATE], [TRAIN, MULTI_GPU], [INFERENCE]],
-    ids=["train", "evaluate", "multi_gpu", "inference"],
+    [[TRAIN], [TRAIN, EVALUATE], [TRAIN, MULTI_GPU], [INFERENCE], [INFERENCE, INFERENCE_ECHO], [STRAIN],
+     [STRAIN, STRAIN_ECHO]],
+    ids=["train", "evaluate", "multi_gpu", "inference", "inference_echo", "strain", "strain_echo"],
 )
 def test_every_config_parses(files):
     parser = ConfigParser()
@@ -65,6 +69,29 @@ def test_every_config_parses(files):
     for key in ("bundle_root", "device", "network_def", "run", "initialize"):
         assert key in parser, key
     assert parser["network_def"]["_target_"] == "scripts.networks.DiffeomorphicVoxelMorph"
+
+
+def test_echo_inference_override_names_the_shipped_echo_weights():
+    """One switch per shipped model: the echo override points both weight files at the CAMUS-trained ones."""
+    parser = ConfigParser()
+    parser.read_config([INFERENCE, INFERENCE_ECHO])
+    parser["bundle_root"] = str(BUNDLE)
+    for key, name in (("ckpt_path", "model_echo.pt"), ("scoring_ckpt_path", "scoring_model_echo.pt")):
+        path = Path(parser.get_parsed_content(key))
+        assert path.name == name and path.is_file(), path
+
+
+def test_the_weights_file_used_is_logged(tmp_path, caplog):
+    import logging
+
+    from scripts.io_safety import load_weights
+
+    net = DiffeomorphicVoxelMorph()
+    path = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="scripts.io_safety"):
+        load_weights(DiffeomorphicVoxelMorph(), path, "displacement network")
+    assert f"displacement network weights: {path.resolve()}" in caplog.text
 
 
 def test_multi_gpu_override_wraps_both_networks_in_ddp():

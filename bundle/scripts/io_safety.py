@@ -441,3 +441,4 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, what: str, d
         raise SystemExit(f"error: {path}: {what} weights do not fit the configured network: {'; '.join(parts)}; "
                          f"were they trained with another configuration?")
     network.load_state_dict(state)
+    logger.info(f"{what} weights: {os.path.realpath(path)}")

@@ -98,7 +98,6 @@ class StrainWorkflow:
         if self.ckpt_path is None:
             return
         load_weights(self.network, self.ckpt_path, "displacement network", self.device)  # SystemExit naming the file
-        logger.info(f"displacement network weights: {self.ckpt_path}")
 
     def _check_output_dir(self, items: list[dict[str, Any]]) -> None:
         """Refuse an output_dir that is an input folder or a file; creates nothing."""
