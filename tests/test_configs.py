@@ -371,3 +371,15 @@ def test_cli_evaluate_writes_metric_csvs(cli_training):
     raw = read_csv(out / "val_epe_raw.csv")
     per_case = [float(row[-1]) for row in raw[1:]]
     assert metrics["val_epe"] == pytest.approx(sum(per_case) / len(per_case), rel=1e-4)
+
+
+def test_the_documented_zoo_checks_run_from_the_bundle_root():
+    """The model card's offline model-zoo checks, run verbatim as a user would (issue 31 item 7)."""
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    commands = [line for line in card.splitlines() if line.startswith("python -m monai.bundle verify_")]
+    assert len(commands) == 2, commands
+    for command in commands:
+        result = subprocess.run([sys.executable, *command.split()[1:]], cwd=BUNDLE, env=cli_env(), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "verified with no error" in result.stdout + result.stderr
