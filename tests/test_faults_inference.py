@@ -120,24 +120,22 @@ def run_inference(data: Path | None, out: Path, datalist: Path | None = None, ne
     runner = PairRegistrationRunner(PairDataset(str(data) if data else None, str(datalist) if datalist else None),
                                     network if network is not None else ZeroDisplacement(), out, ckpt,
                                     progress=False, **kwargs)
-    try:
-        runner.run()
-        code, message = None, ""
-    except SystemExit as stop:
-        code, message = (1, str(stop.code)) if isinstance(stop.code, str) else (stop.code, "")
-    summary = out / "summary.csv"
-    return code, message, read_csv(summary) if summary.is_file() else {}
+    return _outcome(runner.run, out / "summary.csv")
 
 
 def run_strain(data: Path | None, out: Path, network, datalist: Path | None = None, ckpt=None, **kwargs):
     workflow = StrainWorkflow(str(data) if data else None, network, out, ckpt_path=ckpt,
                               datalist=str(datalist) if datalist else None, figures=False, progress=False, **kwargs)
+    return _outcome(workflow.run, out / "strain_summary.csv")
+
+
+def _outcome(run, summary: Path):
+    """Run an engine: (exit code or None, message, rows of its summary CSV or {})."""
     try:
-        workflow.run()
+        run()
         code, message = None, ""
     except SystemExit as stop:
         code, message = (1, str(stop.code)) if isinstance(stop.code, str) else (stop.code, "")
-    summary = out / "strain_summary.csv"
     return code, message, read_csv(summary) if summary.is_file() else {}
 
 

@@ -44,7 +44,7 @@ from monai.utils import str2bool
 
 from .data import DatasetError
 from .io_safety import (
-    case_name_problem, check_output_dir, load_weights, pause_if_asked, prepare_output_dir, temp_path,
+    atomic_write, case_name_problem, check_output_dir, load_weights, pause_if_asked, prepare_output_dir, temp_path,
 )
 from .metrics import folding_percentage
 from .strain_analysis import COMPONENTS, SHORT_AXIS, CaseStrain, CineRegistration, analyse_case, echo_view, peak
@@ -405,15 +405,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], keys: Sequence[str] | Non
         keys = []
         for row in rows:
             keys += [k for k in row if k not in keys]
-    target = temp_path(path) if atomic else path
-    try:
+
+    def write(target: str) -> None:
         with open(target, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(keys), extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: row.get(k, "") for k in keys})
-        if atomic:
-            os.replace(target, path)
-    finally:
-        if atomic and target.exists():
-            target.unlink()
+
+    if atomic:
+        atomic_write(path, write)
+    else:
+        write(str(path))
