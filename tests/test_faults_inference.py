@@ -400,7 +400,10 @@ class ShiftNetwork(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- inference: reruns, leftovers
-def test_rerun_removes_stale_outputs_of_a_failing_case_and_leftovers(tmp_path):
+def test_rerun_is_refused_then_replaces_the_earlier_run_with_overwrite(tmp_path):
+    """Issue 31 item 8: a second run into the same folder used to leave the first run's files of other cases beside
+    the new ones while summary.csv listed only the new cases. Now it is refused (nothing touched) unless
+    ``overwrite``, which removes the earlier run's outputs first: the folder and its summary agree."""
     data, out = tmp_path / "data", tmp_path / "out"
     write_pair(data, "a", 0)
     write_pair(data, "b", 1)
@@ -413,15 +416,44 @@ def test_rerun_removes_stale_outputs_of_a_failing_case_and_leftovers(tmp_path):
     (out / ".tmp-0123abcd-a_ddf.nii.gz").write_bytes(b"half")  # a killed run's leftovers
     (out / ".old-0123abcd-x").mkdir()
     (out / ".tmp-user-notes").write_text("not ours")
-    before = digests(data)
-    code, _, rows = run_inference(data, out, write_itk=False)
+    before, earlier = digests(data), digests(out)
+    code, message, _ = run_inference(data, out, write_itk=False)
+    assert code == 1 and message.startswith(f"error: {out}: holds 7 outputs of an earlier run (a_ddf.nii.gz, ")
+    assert message.endswith("pass --overwrite true to replace them, or choose another --output_dir.")
+    assert digests(out) == earlier  # refused before anything was written or removed
+    code, _, rows = run_inference(data, out, write_itk=False, overwrite="true")
     assert code == 1 and rows["b"]["status"] == "failed" and "b_ES.nii.gz: cannot be read" in rows["b"]["error"]
-    assert "outputs of an earlier run removed: b_ddf.nii.gz, b_warped.nii.gz, b_warped_gt.nii.gz" in rows["b"]["notes"]
-    assert "outputs of an earlier run removed: a_warped_gt.nii.gz" in rows["a"]["notes"]
+    assert list(rows) == ["a", "b"]
     check_good_outputs(out, rows["a"], data / "a_ED.nii.gz")
     assert sorted(p.name for p in out.iterdir()) == [".tmp-user-notes", "a_ddf.nii.gz", "a_warped.nii.gz",
                                                      "summary.csv"]
     assert digests(data) == before
+
+
+def test_default_output_folders_are_beside_the_inputs_not_in_the_bundle(tmp_path, strain_network):
+    """Issue 31 item 8: without --output_dir, inference and strain wrote into bundle/eval (the source tree); now
+    <dataset_dir>_registered / <dataset_dir>_strain, and the configs say so. A second strain run is refused too."""
+    from monai.bundle import ConfigParser
+
+    for config in ("inference.yaml", "strain.yaml"):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / config))
+        assert parser.get_parsed_content("output_dir") is None, config
+    data = tmp_path / "data"
+    write_pair(data, "a", 0)
+    runner = PairRegistrationRunner(PairDataset(str(data)), ZeroDisplacement(), None, progress=False, write_itk="false")
+    runner.run()
+    assert (tmp_path / "data_registered" / "summary.csv").is_file()
+    assert (tmp_path / "data_registered" / "a_warped.nii.gz").is_file()
+    workflow = StrainWorkflow(str(data), strain_network, None, figures=False, progress=False)
+    workflow.run()
+    assert (tmp_path / "data_strain" / "strain_summary.csv").is_file() and (tmp_path / "data_strain" / "a").is_dir()
+    with pytest.raises(SystemExit, match=r"data_strain: holds 2 outputs of an earlier run \(a, strain_summary.csv\)"):
+        StrainWorkflow(str(data), strain_network, None, figures=False, progress=False).run()
+    datalist = tmp_path / "list.json"  # absolute paths, no dataset_dir: nowhere to put the default folder
+    datalist.write_text(json.dumps({"testing": [{"moving": str(data / "a_ED.nii.gz"), "fixed": str(data / "a_ES.nii.gz")}]}))
+    with pytest.raises(SystemExit, match="no output folder: set --output_dir"):
+        PairRegistrationRunner(PairDataset(None, str(datalist)), ZeroDisplacement(), None).run()
 
 
 def test_ambiguous_files_and_collect_pairs_errors(tmp_path):
@@ -452,21 +484,21 @@ def test_strain_names_symlink_loop_bad_pixels_stale_and_leftovers(tmp_path, stra
     fraction[1, 1] = 0.5
     strain_pair(data, "fraction", 5, ED_gt=fraction)
     out.mkdir()
-    (out / "flat").mkdir()  # an earlier run's outputs of a case that now fails
+    (out / "flat").mkdir()  # an earlier run's outputs of a case that now fails (removed: overwrite)
     (out / "flat" / "strain.csv").write_text("stale")
     (out / ".tmp-0123abcd-good").mkdir()  # a killed run's temporary folder and trash
     (out / ".tmp-0123abcd-good" / "strain.csv").write_text("half")
     (out / ".old-0123abcd-good").mkdir()
     (out / "user.tmp-0123abcd-x").write_text("not ours")
     before = digests(data)
-    code, _, rows = run_strain(data, out, strain_network)
+    code, _, rows = run_strain(data, out, strain_network, overwrite=True)
     assert code == 1
     expected = {"loop": ("loop_ED_gt.nii.gz", "symbolic link loop"), "flat": ("flat_ES.nii.gz", "constant"),
                 "twice": ("twice_ES.nii and twice_ES.nii.gz", "two files for one frame"),
                 "fraction": ("fraction_ED_gt.nii.gz", "non-integer values")}
     for case, (file, problem) in expected.items():
         assert rows[case]["status"] == "failed" and file in rows[case]["error"] and problem in rows[case]["error"]
-    assert "outputs of an earlier run removed: flat/" in rows["flat"]["notes"]
+    assert not (out / "flat").exists()
     for case in ("good", "p q"):  # the name is the folder, as given (no silent rewriting)
         assert rows[case]["status"] == "ok", rows[case]
         maps = nib.load(str(out / case / "strain_radial_green.nii.gz")).get_fdata()

@@ -369,14 +369,14 @@ def test_evaluation_refuses_non_finite_weights(tmp_path):
     torch.save(state, ckpt / "model.pt")
     before = digest(ckpt)
     result = cli("--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--image_size", "[64,64]",
-                 "--num_test_pairs", "2", "--ckpt_dir", str(ckpt), "--output_dir", str(tmp_path / "eval"))
+                 "--num_test_pairs", "2", "--ckpt_path", str(ckpt / "model.pt"), "--output_dir", str(tmp_path / "eval"))
     assert_clean_failure(result, f"{ckpt / 'model.pt'} holds NaN or Inf values ({first})")
     assert digest(ckpt) == before and not (tmp_path / "eval").exists()
 
 
 def test_weights_to_evaluate_missing_or_empty_are_named(tmp_path):
-    with pytest.raises(TrainingStopped, match=r"model\.pt does not exist \(train first, or evaluate the shipped"):
-        require_weights(tmp_path / "model.pt", "train first, or evaluate the shipped weights with --ckpt_dir models")
+    with pytest.raises(TrainingStopped, match=r"model\.pt does not exist \(the shipped weights are models/model\.pt"):
+        require_weights(tmp_path / "model.pt", "the shipped weights are models/model.pt; yours: --ckpt_path ...")
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(TrainingStopped, match=r"model\.pt is empty \(0 bytes\)"):
         require_weights(tmp_path / "model.pt")

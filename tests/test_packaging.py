@@ -65,7 +65,8 @@ def test_copied_bundle_train_evaluate_infer(bundle_copy: Path, tmp_path: Path) -
     assert trained.is_file()
 
     # the zoo's own unit tests run the evaluate override with workflow_type "train" (it overrides train.yaml)
-    _zoo_run(_workflow(bundle_copy, ["train.yaml", "evaluate.yaml"], "train", **TINY, num_test_pairs=2))
+    _zoo_run(_workflow(bundle_copy, ["train.yaml", "evaluate.yaml"], "train", **TINY, num_test_pairs=2,
+                       ckpt_path=str(trained)))  # the weights just trained (the default is the shipped model.pt)
     assert list((bundle_copy / "eval").glob("*.csv")), "evaluation wrote no metrics CSV"
 
     pairs = tmp_path / "pairs"

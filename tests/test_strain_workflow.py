@@ -374,11 +374,12 @@ def bad_batch(tmp_path_factory, pair, network):
     save(data / "esgrid_ED_gt.nii.gz", labels)
     save(data / "oneframe_cine.nii.gz", pair["moving"][0][..., None])  # X x Y x 1
     save(data / "oneframe_ED_gt.nii.gz", labels)
-    stale = out / "nomyo"  # a previous run's outputs of a case that now fails must go
+    stale = out / "nomyo"  # a previous run's outputs of a case that now fails must go (overwrite: removed first)
     stale.mkdir(parents=True)
     (stale / "strain.csv").write_text("stale\n")
     before = digests(data)
-    workflow = StrainWorkflow(str(data), network, out, ckpt_path=str(WEIGHTS), figures=False, progress=False)
+    workflow = StrainWorkflow(str(data), network, out, ckpt_path=str(WEIGHTS), figures=False, progress=False,
+                              overwrite=True)
     with pytest.raises(SystemExit) as exit_info:
         workflow.run()
     return {"data": data, "out": out, "before": before, "code": exit_info.value.code,
@@ -457,7 +458,7 @@ def test_echo_override_resolves():
     assert parser.get_parsed_content("roi_size") is None
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
     assert ckpt.name == "model_echo.pt" and ckpt.is_file()
-    assert parser.get_parsed_content("output_dir").endswith("eval/strain_echo")
+    assert parser.get_parsed_content("output_dir") is None  # beside the input folder: <dataset_dir>_strain
     assert parser.get_parsed_content("tracking") == "direct" and parser.get_parsed_content("lagrangian") == "inverse"
 
 

@@ -10,7 +10,9 @@ nothing lost, nothing silent, nothing written outside ``output_dir``.
   absent. A killed run can leave such names behind; :func:`remove_leftovers` deletes them at the next start (only
   entries directly in ``output_dir`` that match this pattern). One run per ``output_dir`` at a time.
 * **Output folder** (:func:`check_output_dir`, :func:`create_output_dir`): not an input folder, not a file; created
-  (and checked writable) only after the weights loaded, so a run that cannot start leaves no empty folder.
+  (and checked writable) only after the weights loaded, so a run that cannot start leaves no empty folder. By
+  default beside the input folder (:func:`default_output_dir`); an earlier run's outputs there are refused or, with
+  ``overwrite``, removed first (:func:`claim_output_dir`), so the folder and its summary always agree.
 * **Weights** (:func:`load_weights`): the file named in every problem: missing, empty, unreadable, not a state dict,
   NaN or infinite values, or not fitting the network (missing / unexpected / differently shaped tensors).
 * **Datalists** (:func:`read_datalist`): a JSON object with a non-empty list section; an item that is not an object
@@ -117,6 +119,53 @@ def prepare_output_dir(output_dir: Path) -> None:
     if removed:
         logger.warning(f"{output_dir}: removed {len(removed)} temporary entr{'y' if len(removed) == 1 else 'ies'} of "
                        f"an interrupted run: {', '.join(removed)}")
+
+
+def default_output_dir(dataset_dir: str | os.PathLike | None, suffix: str) -> Path:
+    """Where a run writes when ``--output_dir`` is not given: beside the input folder, ``<dataset_dir><suffix>``
+    (``/data/pairs`` -> ``/data/pairs_registered``), never inside the bundle's source tree."""
+    if not dataset_dir:
+        raise SystemExit("error: no output folder: set --output_dir (it defaults to a folder beside --dataset_dir).")
+    root = Path(dataset_dir).resolve()
+    return root.with_name(root.name + suffix)
+
+
+def earlier_run_outputs(output_dir: Path, is_output: Callable[[os.DirEntry], bool]) -> list[str]:
+    """The names, directly in ``output_dir``, of an earlier run's outputs (``is_output`` recognises them)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(output_dir)
+                      if not TMP_PATTERN.match(entry.name) and is_output(entry))  # leftovers: remove_leftovers
+    except OSError:
+        return []
+
+
+def claim_output_dir(
+    output_dir: Path, is_output: Callable[[os.DirEntry], bool], overwrite: bool, inputs: Iterable[str] = (),
+) -> list[str]:
+    """Make ``output_dir`` hold only this run's outputs: an earlier run's outputs there (its summary, its cases'
+    files, also those of a killed run) stop the run with one message unless ``overwrite``, which removes them first
+    (never an input file, never a file we did not write). Other files are left alone. The names removed."""
+    found = earlier_run_outputs(output_dir, is_output)
+    if not found:
+        return []
+    if not overwrite:
+        listed = ", ".join(found[:MAX_IGNORED_LISTED]) + (", ..." if len(found) > MAX_IGNORED_LISTED else "")
+        raise SystemExit(f"error: {output_dir}: holds {len(found)} outputs of an earlier run ({listed}); "
+                         "pass --overwrite true to replace them, or choose another --output_dir.")
+    inputs = set(inputs)
+    removed = []
+    for name in found:
+        path = output_dir / name
+        if os.path.realpath(path) in inputs:
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(name)
+        except OSError as error:
+            raise SystemExit(f"error: {path}: output of an earlier run cannot be removed "
+                             f"({error.strerror or error}); choose another --output_dir.") from None
+    logger.warning(f"{output_dir}: removed {len(removed)} outputs of an earlier run (--overwrite true)")
+    return removed
 
 
 def list_dataset_folder(dataset_dir: str | os.PathLike | None, expected: str) -> list[Path]:

@@ -25,8 +25,9 @@ is resized back to the native grid and its vectors scaled by the size ratio. 3D 
 slice (slices along the third array axis). Every problem of a pair (unreadable file or symbolic link loop, missing
 partner, two files for one frame, unequal shapes, a constant image, a label map with non-integer, negative or huge
 values, a non-finite field, a case name that would leave ``output_dir``) is reported by name in the log and the CSV;
-the other pairs still finish; :meth:`run` ends with ``SystemExit(1)`` when any pair failed. A failed case's outputs
-of an earlier run are removed (said in its ``notes``). Problems that stop the run before any case (no pairs, an
+the other pairs still finish; :meth:`run` ends with ``SystemExit(1)`` when any pair failed. ``output_dir`` defaults
+to ``<dataset_dir>_registered`` beside the input folder; one that holds an earlier run's outputs is refused unless
+``overwrite`` (which removes them first), so the folder and ``summary.csv`` always agree. Problems that stop the run before any case (no pairs, an
 unreadable or malformed datalist, weights that are missing, corrupt, non-finite or do not fit, an output folder that
 is an input folder, a file or not writable) end it with a message naming the file and nothing written. Inputs are
 never overwritten and every output file is written to a temporary name in ``output_dir`` and renamed into place
@@ -56,7 +57,8 @@ from torch.utils.data import Dataset
 from .data import DatasetError
 from .evaluator import one_hot
 from .io_safety import (
-    PAIR_FRAMES, PAIR_RULE, TMP_PATTERN, assign_case_names, atomic_write, case_name_problem, check_output_dir,
+    PAIR_FRAMES, PAIR_RULE, TMP_PATTERN, assign_case_names, atomic_write, check_output_dir,
+    claim_output_dir, default_output_dir,
     constant_problem, frame_pattern, input_file_problem, label_problem, list_dataset_folder, load_weights,
     match_named_files, nifti_stem, prepare_output_dir, read_datalist,
 )
@@ -442,7 +444,8 @@ class PairRegistrationRunner:
     Args:
         dataset: a :class:`PairDataset`.
         network: the displacement network (``network_def`` on ``device``).
-        output_dir: folder for the outputs (created; must not be an input folder).
+        output_dir: folder for the outputs (created; must not be an input folder); ``None``: ``<dataset_dir>_registered``
+            beside the input folder.
         ckpt_path: flat state dict of ``network`` (``models/model.pt``); ``None`` keeps the current weights.
         image_size: the network grid.
         inferer, postprocessing: see :class:`PairRegistration`.
@@ -451,13 +454,15 @@ class PairRegistrationRunner:
         write_itk: also write the ITK displacement field.
         exit_on_failure: raise ``SystemExit(1)`` at the end of :meth:`run` when a case failed.
         progress: show a tqdm progress bar.
+        overwrite: replace an earlier run's outputs in ``output_dir`` (removed first); otherwise such a folder is
+            refused before anything is written.
     """
 
     def __init__(
         self,
         dataset: PairDataset,
         network: torch.nn.Module,
-        output_dir: str | os.PathLike,
+        output_dir: str | os.PathLike | None = None,
         ckpt_path: str | None = None,
         image_size: Sequence[int] = (128, 128),
         device: str | torch.device = "cpu",
@@ -469,13 +474,16 @@ class PairRegistrationRunner:
         write_itk: bool = True,
         exit_on_failure: bool = True,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
-        self.dataset, self.network, self.output_dir = dataset, network, Path(output_dir)
+        self.dataset, self.network = dataset, network
+        self.output_dir = Path(output_dir) if output_dir else None
         self.ckpt_path, self.image_size, self.device = ckpt_path, tuple(image_size), torch.device(device)
         self.inferer, self.postprocessing = inferer, postprocessing
         # str2bool: the bundle CLI passes `--progress false` / `--write_itk false` as the string 'false'
         self.score_map, self.scoring_network, self.scoring_ckpt_path = str2bool(score_map), scoring_network, scoring_ckpt_path
         self.write_itk, self.exit_on_failure, self.progress = str2bool(write_itk), exit_on_failure, str2bool(progress)
+        self.overwrite = str2bool(overwrite)
         self.rows: list[dict[str, Any]] = []
 
     # -- setup
@@ -502,22 +510,11 @@ class PairRegistrationRunner:
         self._load_weights(self.network, self.ckpt_path, "displacement network")
         return PairRegistration(self.network, self.image_size, self.device, self.inferer, self.postprocessing, scoring)
 
-    def _case_outputs(self, case: str) -> list[Path]:
-        """Every output name a case can have (any run's options), for removing stale ones."""
-        return [self.output_dir / f"{case}{suffix}" for suffix in OUTPUT_SUFFIXES]
-
-    def _remove_stale(self, case: str, keep: set[Path], inputs: set[str]) -> list[str]:
-        """Remove this case's outputs of an earlier run that this run did not write (``keep``); never an input."""
-        removed = []
-        for path in self._case_outputs(case):
-            if path in keep or not os.path.lexists(path) or os.path.realpath(path) in inputs:
-                continue
-            try:
-                path.unlink()
-                removed.append(path.name)
-            except OSError as error:
-                logger.warning(f"{path}: stale output of an earlier run not removed ({error.strerror or error})")
-        return removed
+    @staticmethod
+    def is_output(entry: os.DirEntry) -> bool:
+        """A file this engine writes: ``summary.csv`` or ``<case><suffix>`` for a suffix of ``OUTPUT_SUFFIXES``."""
+        return entry.is_file(follow_symlinks=False) and (
+            entry.name == "summary.csv" or entry.name.endswith(OUTPUT_SUFFIXES))
 
     # -- per case
     def _register_case(self, registration: PairRegistration, pair: LoadedPair, inputs: set[Path]) -> dict[str, Any]:
@@ -584,7 +581,6 @@ class PairRegistrationRunner:
             raise
 
         row["outputs"] = ";".join(p.name for p in outputs.values())
-        row["written"] = set(outputs.values())
         row["folding_pct"] = round(float(folding_percentage(result.ddf).mean()), 4)
         if warped_label is not None and pair.fixed_label is not None:
             moved = warped_label.reshape(pair.fixed_label.shape)
@@ -602,13 +598,18 @@ class PairRegistrationRunner:
 
         Before any case: the cases are collected, ``output_dir`` is checked (not an input folder, not a file), the
         weights are loaded and checked, and only then ``output_dir`` is created, checked writable and cleared of
-        temporary files of a killed run; any problem there ends the run with a message and nothing written."""
+        temporary files of a killed run; an earlier run's outputs there are refused, or removed with ``overwrite``;
+        any problem there ends the run with a message and nothing written."""
         try:
             num_cases = len(self.dataset)
         except DatasetError as error:
             raise SystemExit(f"error: {error}") from None
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.dataset.dataset_dir, "_registered")
+        logger.info(f"outputs: {self.output_dir}")
         inputs = self._check_output_dir()
         registration = self.build_registration()
+        claim_output_dir(self.output_dir, self.is_output, self.overwrite, inputs)
         prepare_output_dir(self.output_dir)
         self.rows = []
         indices: Any = range(num_cases)
@@ -648,13 +649,10 @@ class PairRegistrationRunner:
         row: dict[str, Any] = {k: str(item.get(k, "")) for k in ("case", *FILE_KEYS)}
         notes = list(item.get("notes") or [])
         start = time.perf_counter()
-        written: set[Path] = set()
         try:
             pair = self.dataset[index]
             notes = list(pair.notes)
-            result = self._register_case(registration, pair, inputs)
-            written = result.pop("written")
-            row.update(result)
+            row.update(self._register_case(registration, pair, inputs))
             row.update(status="ok", error="")
         except (PairError, DatasetError) as error:
             row.update(status="failed", error=str(error))
@@ -664,10 +662,6 @@ class PairRegistrationRunner:
             logger.debug(f"case {case}: unexpected error", exc_info=True)
         if row["status"] != "ok":
             logger.error(f"case {case}: {row['error']}")
-        if not case_name_problem(case):  # never for a name that would leave output_dir
-            removed = self._remove_stale(case, written, inputs)
-            if removed:
-                notes.append(f"outputs of an earlier run removed: {', '.join(removed)}")
         for note in notes:
             logger.warning(f"{case}: {note}")
         row["notes"] = "; ".join(notes)

@@ -1,7 +1,8 @@
 """The engine of ``configs/strain.yaml``: strain of every case of a folder or datalist, written case by case.
 
 Per case, in ``output_dir/<case>/`` (written to a temporary folder and renamed into place: a case's outputs are
-whole or absent, and a case that fails on a rerun leaves no stale outputs behind):
+whole or absent; ``output_dir`` defaults to ``<dataset_dir>_strain`` and one holding an earlier run's outputs is refused
+unless ``overwrite``, which removes them first):
 
 * ``strain_<direction>_<definition>.nii.gz``: one map per component (``radial_green``, ``radial_engineering``,
   ``circumferential_green``, ...; long axis: ``transverse_*``, ``longitudinal_*``), fractions, on the ED geometry
@@ -44,7 +45,8 @@ from monai.utils import str2bool
 
 from .data import DatasetError
 from .io_safety import (
-    atomic_write, case_name_problem, check_output_dir, load_weights, pause_if_asked, prepare_output_dir, temp_path,
+    atomic_write, case_name_problem, check_output_dir, claim_output_dir, default_output_dir, load_weights,
+    pause_if_asked, prepare_output_dir, temp_path,
 )
 from .metrics import folding_percentage
 from .strain_analysis import COMPONENTS, SHORT_AXIS, CaseStrain, CineRegistration, analyse_case, echo_view, peak
@@ -64,28 +66,33 @@ class StrainWorkflow:
     Args:
         dataset_dir, datalist, section: the cases (``strain_io.collect_cases``).
         network: the displacement network; ``ckpt_path`` its flat state dict (``None`` keeps its weights).
-        output_dir: the output folder (created; must not be an input folder).
+        output_dir: the output folder (created; must not be an input folder); ``None``: ``<dataset_dir>_strain`` beside
+            the input folder.
         labels: label codes of ``rv``, ``myo``, ``lv`` (cavity) (short axis) or ``lv``, ``myo``, ``la`` (echo).
         view: ``short_axis`` or ``long_axis``.
         directions: ``wall_normal`` or ``centroid`` (``myocardium.wall_directions``).
         tracking, lagrangian, image_size, roi_size, batch_size: see ``strain_analysis.CineRegistration``.
         segment_options: extra arguments of ``myocardium.sax_segments`` / ``la_segments``.
         figures: write the figures; ``figure_definition``: ``green`` or ``engineering`` in them.
+        overwrite: replace an earlier run's outputs in ``output_dir`` (removed first); otherwise such a folder is
+            refused before anything is written.
     """
 
     def __init__(
-        self, dataset_dir: str | None, network: torch.nn.Module, output_dir: str | os.PathLike,
+        self, dataset_dir: str | None, network: torch.nn.Module, output_dir: str | os.PathLike | None = None,
         ckpt_path: str | None = None, datalist: str | None = None, section: str = "testing",
         labels: dict[str, int] | None = None, view: str = SHORT_AXIS, directions: str = "wall_normal",
         tracking: str = "direct", lagrangian: str = "inverse", image_size: Sequence[int] = (128, 128),
         roi_size: Sequence[int] | None = (128, 128), segment_options: dict[str, Any] | None = None,
         figures: bool = True, figure_definition: str = "green", device: str | torch.device = "cpu",
-        batch_size: int = 32, progress: bool = True, exit_on_failure: bool = True,
+        batch_size: int = 32, progress: bool = True, exit_on_failure: bool = True, overwrite: bool = False,
     ) -> None:
         if view not in COMPONENTS:
             raise ValueError(f"view must be one of {tuple(COMPONENTS)}, got {view!r}.")
         self.dataset_dir, self.datalist, self.section = dataset_dir, datalist, section
-        self.network, self.ckpt_path, self.output_dir = network, ckpt_path, Path(output_dir)
+        self.network, self.ckpt_path = network, ckpt_path
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.overwrite = str2bool(overwrite)
         self.labels = {k: int(v) for k, v in (labels or ACDC_LABELS).items()}
         self.view, self.directions, self.segment_options = view, directions, dict(segment_options or {})
         self.figures, self.figure_definition = str2bool(figures), figure_definition
@@ -99,14 +106,25 @@ class StrainWorkflow:
             return
         load_weights(self.network, self.ckpt_path, "displacement network", self.device)  # SystemExit naming the file
 
-    def _check_output_dir(self, items: list[dict[str, Any]]) -> None:
-        """Refuse an output_dir that is an input folder or a file; creates nothing."""
+    @staticmethod
+    def _input_paths(items: list[dict[str, Any]]) -> list[str]:
         paths = []
         for item in items:
             for key, value in item.items():
                 if key in FILE_KEYS:
                     paths += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
-        check_output_dir(self.output_dir, paths, [self.dataset_dir] if self.dataset_dir else [])
+        return [os.path.realpath(p) for p in paths]
+
+    @staticmethod
+    def is_output(entry: os.DirEntry) -> bool:
+        """What this workflow writes: ``strain_summary.csv`` and the case folders (each holds ``strain.csv``)."""
+        if entry.name == "strain_summary.csv":
+            return entry.is_file(follow_symlinks=False)
+        return entry.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(entry.path, "strain.csv"))
+
+    def _check_output_dir(self, items: list[dict[str, Any]]) -> None:
+        """Refuse an output_dir that is an input folder or a file; creates nothing."""
+        check_output_dir(self.output_dir, self._input_paths(items), [self.dataset_dir] if self.dataset_dir else [])
 
     # -- driver
     def run(self) -> list[dict[str, Any]]:
@@ -119,8 +137,12 @@ class StrainWorkflow:
             items = collect_cases(self.dataset_dir, self.datalist, self.section)
         except DatasetError as error:
             raise SystemExit(f"error: {error}") from None
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.dataset_dir, "_strain")
+        logger.info(f"outputs: {self.output_dir}")
         self._check_output_dir(items)
         self._load_weights()
+        claim_output_dir(self.output_dir, self.is_output, self.overwrite, self._input_paths(items))
         prepare_output_dir(self.output_dir)
         self.rows = []
         iterator: Any = items
@@ -143,8 +165,7 @@ class StrainWorkflow:
         return self.rows
 
     def _run_case(self, item: dict[str, Any]) -> dict[str, Any]:
-        """One case, whatever happens: a row with status ``ok`` or ``failed`` (the error naming the file); a failed
-        case's folder of an earlier run is removed (said in the notes)."""
+        """One case, whatever happens: a row with status ``ok`` or ``failed`` (the error naming the file)."""
         start = time.perf_counter()
         name = str(item["case"])
         row: dict[str, Any] = {"case": name}
@@ -164,16 +185,6 @@ class StrainWorkflow:
             logger.debug(f"case {name}: unexpected error", exc_info=True)
         if row["status"] != "ok":
             logger.error(f"case {name}: {row['error']}")
-            stale = self.output_dir / name
-            if not case_name_problem(name, RESERVED_NAMES) and os.path.lexists(stale):  # never outside output_dir
-                try:
-                    if stale.is_dir() and not stale.is_symlink():
-                        shutil.rmtree(stale)
-                    else:
-                        stale.unlink()
-                    notes.append(f"outputs of an earlier run removed: {name}/")
-                except OSError as error:
-                    logger.warning(f"{stale}: stale outputs of an earlier run not removed ({error.strerror or error})")
         for note in notes:
             logger.warning(f"{name}: {note}")
         row["notes"] = "; ".join(notes)
