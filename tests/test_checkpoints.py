@@ -10,7 +10,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
-from scripts.checkpoints import BEST_MODEL_KEY, BestModelTracking, continues_run, resumable_state
+from scripts.checkpoints import (
+    BEST_MODEL_KEY, AtomicCheckpointSaver, BestModelTracking, checkpoint_problem, continues_run, resumable_state,
+)
 
 
 def save_dict() -> dict:
@@ -48,7 +50,8 @@ def test_a_missing_checkpoint_is_named(tmp_path):
         resumable_state(tmp_path / "checkpoint_epoch=9.pt", save_dict(), tmp_path)
 
 
-def evaluator_with_saver(ckpt_dir: Path, metrics: list[float], network: torch.nn.Module) -> tuple[Engine, CheckpointSaver]:
+def evaluator_with_saver(ckpt_dir: Path, metrics: list[float], network: torch.nn.Module,
+                         saver_class: type = AtomicCheckpointSaver, **saver_args) -> tuple[Engine, CheckpointSaver]:
     """An engine whose epochs report the given key metric, with the bundle's model.pt saver attached."""
     engine = Engine(lambda engine, batch: None)
     engine.state.best_metric, engine.state.best_metric_epoch = -1.0, -1
@@ -63,7 +66,8 @@ def evaluator_with_saver(ckpt_dir: Path, metrics: list[float], network: torch.nn
         if value > engine.state.best_metric:
             engine.state.best_metric, engine.state.best_metric_epoch = value, engine.state.epoch
 
-    saver = CheckpointSaver(str(ckpt_dir), {"model": network}, save_key_metric=True, key_metric_filename="model.pt")
+    saver = saver_class(str(ckpt_dir), {"model": network}, save_key_metric=True, key_metric_filename="model.pt",
+                        **saver_args)
     saver.attach(engine)
     return engine, saver
 
@@ -91,3 +95,33 @@ def test_the_tracking_round_trips_through_a_weights_only_checkpoint(tmp_path):
 def test_a_checkpoint_tracking_other_files_is_refused():
     with pytest.raises(ValueError, match="tracks 2 best-model files, this configuration 1"):
         BestModelTracking([None]).load_state_dict({"savers": [None, None]})
+
+
+def test_the_tracking_is_what_monai_restores(tmp_path):
+    """AtomicCheckpointSaver.state_dict is the state MONAI's CheckpointSaver.load_state_dict takes back."""
+    engine, saver = evaluator_with_saver(tmp_path, [0.5, 0.9, 0.7], torch.nn.Linear(1, 1))
+    engine.run([0], max_epochs=3)
+    state = saver.state_dict()
+    assert state == {"_saved": [(pytest.approx(0.9), "model_key_metric=0.9000.pt")]}
+    fresh = CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True,
+                            key_metric_filename="model.pt")
+    fresh.load_state_dict(state)
+    assert AtomicCheckpointSaver.state_dict(fresh) == state
+    no_key_metric = AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_interval=1)
+    assert no_key_metric.state_dict() is None
+
+
+def test_a_saver_that_cannot_write_its_tracking_is_refused(tmp_path):
+    saver = CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True)
+    with pytest.raises(TypeError, match="AtomicCheckpointSaver"):
+        BestModelTracking([saver])
+
+
+def test_monai_key_metric_save_state_would_break_the_flat_model_file(tmp_path):
+    """Why the tracking is kept in the epoch checkpoints and not by MONAI's key_metric_save_state: that option
+    stores it inside model.pt, which then is no longer the flat state dict the bundle ships and loads."""
+    engine, _ = evaluator_with_saver(tmp_path, [0.5, 0.9], torch.nn.Linear(1, 1), saver_class=CheckpointSaver,
+                                     key_metric_save_state=True)
+    engine.run([0], max_epochs=2)
+    assert "checkpointer" in torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "not a flat state dict" in checkpoint_problem(tmp_path / "model.pt", flat=True)

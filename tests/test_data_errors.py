@@ -224,6 +224,29 @@ def test_datalist_problems(tmp_path):
     assert items == [{"moving": str(tmp_path / "a_ED.nii.gz"), "fixed": str(tmp_path / "a_ES.nii.gz")}]
 
 
+def test_datalist_paths_through_monai_loader(tmp_path):
+    """load_decathlon_datalist resolves the files; a missing one still gets its full path (the check names where it
+    was looked for), and entries that are not files stay as written even when they name an existing folder."""
+    good_case(tmp_path, "a")
+    (tmp_path / "a").mkdir()
+    datalist = tmp_path / "lists" / "datalist.json"
+    datalist.parent.mkdir()
+    datalist.write_text(json.dumps({"training": [
+        {"moving": "../a_ED.nii.gz", "fixed": "./missing_ES.nii.gz", "case": "a", "weight": 2},
+        {"moving": str(tmp_path / "a_ED.nii.gz"), "fixed": "../a_ES.nii.gz"},
+    ]}))
+    items = load_datalist_json(datalist, "training")
+    assert items == [
+        {"moving": str(tmp_path / "a_ED.nii.gz"), "fixed": str(datalist.parent / "missing_ES.nii.gz"), "case": "a",
+         "weight": 2},
+        {"moving": str(tmp_path / "a_ED.nii.gz"), "fixed": str(tmp_path / "a_ES.nii.gz")},
+    ]
+    assert load_datalist_json(datalist, "training", base_dir=tmp_path / "lists")[0]["case"] == "a"
+    datalist.write_text(json.dumps({"training": [{"moving": "a_ED.nii.gz", "fixed": "missing_ES.nii.gz"}]}))
+    with pytest.raises(DatasetError, match=f"\n  {tmp_path / 'missing_ES.nii.gz'}: file does not exist"):
+        pair_datalist(tmp_path, "training", str(datalist))  # paths relative to the dataset folder
+
+
 def test_require_valid_dataset_exits_with_the_message(tmp_path):
     write(tmp_path / "x_ED.nii.gz")
     with pytest.raises(SystemExit) as info:

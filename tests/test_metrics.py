@@ -7,9 +7,13 @@ import math
 import pytest
 import torch
 
+import numpy as np
+
+from scripts.evaluator import one_hot
 from scripts.metrics import (
     EndPointErrorMetric,
     FoldingMetric,
+    dice_scores,
     end_point_error,
     field_and_truth,
     folding_percentage,
@@ -132,3 +136,53 @@ def test_end_point_error_without_a_true_field_is_nan_not_zero():
     # some cases have one: the mean over those (the phantom, every case known, is unchanged)
     mixed = run([[{"pred": pred, "true_ddf": torch.zeros_like(pred)}, {"pred": pred}]])
     assert mixed == pytest.approx(math.sqrt(2))
+
+
+# ---- per-label Dice and one-hot through MONAI: the numbers of the hand-written versions they replaced ----------
+def handwritten_dice_scores(pred: np.ndarray, target: np.ndarray) -> dict[int, float]:
+    """The hand-written ``dice_scores`` (registration_io, before compute_dice), kept verbatim as the reference."""
+    scores = {}
+    for value in sorted((set(np.unique(pred).tolist()) | set(np.unique(target).tolist())) - {0}):
+        a, b = pred == value, target == value
+        denom = a.sum() + b.sum()
+        scores[int(value)] = float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+    return scores
+
+
+def handwritten_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The hand-written ``evaluator.one_hot`` (torch.nn.functional.one_hot), kept verbatim as the reference."""
+    return torch.nn.functional.one_hot(labels[:, 0].long().clamp_min(0), num_classes).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dice_scores_are_the_handwritten_numbers_on_random_labels(seed):
+    rng = np.random.default_rng(seed)
+    shape = [(16, 16), (3, 12, 10), (1, 7, 9)][seed % 3]
+    values = rng.choice([0, 1, 2, 3, 5, 200, -1], size=rng.integers(1, 6), replace=False)  # gaps, large, negative
+    pred, target = rng.choice(values, size=shape), rng.choice(values, size=shape)
+    if seed % 4 == 0:  # a label in one map only (scores 0), one in neither (left out)
+        target[target == values[0]] = 0
+    expected = handwritten_dice_scores(pred, target)
+    got = dice_scores(pred, target)
+    assert got == expected  # same labels, bit-identical floats
+    assert all(isinstance(k, int) and isinstance(v, float) for k, v in got.items())
+
+
+def test_dice_scores_of_absent_and_one_sided_labels():
+    background = np.zeros((4, 4), dtype=np.int64)
+    assert dice_scores(background, background) == handwritten_dice_scores(background, background) == {}
+    one = background.copy()
+    one[0, :2] = 3
+    assert dice_scores(one, background) == dice_scores(background, one) == {3: 0.0}  # absent from one map: 0, not NaN
+    assert dice_scores(one, one) == {3: 1.0}
+    other = background.copy()
+    other[0, 1:3] = 3
+    assert dice_scores(one, other) == {3: 0.5}
+
+
+@pytest.mark.parametrize("shape, num_classes", [((2, 1, 5, 6), 4), ((3, 1, 4, 4), 2)])
+def test_one_hot_is_the_handwritten_one(shape, num_classes):
+    labels = torch.randint(-1, num_classes, shape)  # negative values count as background
+    assert torch.equal(one_hot(labels, num_classes), handwritten_one_hot(labels, num_classes))
+    assert one_hot(labels, num_classes).dtype == torch.float32
+

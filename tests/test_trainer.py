@@ -23,7 +23,7 @@ from scripts.losses import DisplacementLoss, GradientL2Loss, ScoringLoss
 from scripts.networks import DiffeomorphicVoxelMorph, ScoringNet
 from scripts.phantom import cardiac_phantom_pair
 from scripts.schedule import MomentumSmoothnessWeight, Phase
-from scripts.trainer import LOSS_TERMS, AdaCSTrainer
+from scripts.trainer import LOSS_TERMS, AdaCSIterationEvents, AdaCSKeys, AdaCSTrainer, loss_terms
 
 SIZE = 32
 LAM, LOSS_MULT, ALPHA, BETA = 0.01, 2.0, 0.02, 1.5
@@ -65,6 +65,7 @@ def build(
     lr: float = 1e-3,
     use_scoring: bool = True,
     leak: bool = False,
+    **kwargs,
 ) -> AdaCSTrainer:
     torch.manual_seed(seed)
     displacement = DiffeomorphicVoxelMorph()
@@ -86,6 +87,7 @@ def build(
         accumulation_steps=acc,
         epoch_length=epoch_length,
         reference_gradient_leak=leak,
+        **kwargs,
     )
 
 
@@ -568,3 +570,75 @@ def test_invalid_construction():
         AdaCSTrainer("cpu", 1, sequential_loader(), d, torch.optim.Adam(d.parameters()),
                      DisplacementLoss(MSE, GradientL2Loss()), s, torch.optim.Adam(s.parameters()), ScoringLoss(MSE),
                      reference_gradient_leak="sometimes")
+
+
+# ---- the trainer's own events and output keys ----------------------------------------------------------------
+class EventCounter:
+    """A handler as train.yaml gives them (``train_handlers``): attaches to the trainer's events by name."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.seen: dict[str, list[dict]] = defaultdict(list)
+
+    def attach(self, engine: AdaCSTrainer) -> None:
+        for event in AdaCSIterationEvents:
+            engine.add_event_handler(event, self.count, event.name)
+
+    def count(self, engine: AdaCSTrainer, name: str) -> None:
+        self.counts[name][engine.state.epoch] += 1
+        self.seen[name].append({str(k): v for k, v in engine.state.output.items() if k in LOSS_TERMS})
+
+
+def test_each_trainer_event_fires_once_per_micro_step_of_the_phases_that_run_it():
+    counter = EventCounter()
+    trainer = build(sequential_loader(), motion=1, scoring=1, max_epochs=3, epoch_length=2, acc=2,
+                    train_handlers=[counter])  # attached in the constructor: the events are registered before
+    trainer.run()
+    # epoch 1 motion warm-up, epoch 2 scoring warm-up, epoch 3 joint; 2 micro-steps each
+    assert {name: dict(epochs) for name, epochs in counter.counts.items()} == {
+        "SCORE_MAPS_COMPLETED": {2: 2, 3: 2},
+        "DISPLACEMENT_STEP_COMPLETED": {1: 2, 3: 2},
+        "SCORING_STEP_COMPLETED": {2: 2, 3: 2},
+    }
+    # when a step completes, its own terms are in the output
+    for terms in counter.seen["DISPLACEMENT_STEP_COMPLETED"]:
+        assert all(math.isfinite(float(terms[k])) for k in ("loss_displacement", "loss_data", "loss_grad"))
+    for terms in counter.seen["SCORING_STEP_COMPLETED"]:
+        assert all(math.isfinite(float(terms[k])) for k in ("loss_scoring", "loss_ucs", "loss_reg", "loss_smooth"))
+        assert 0 < float(terms["mean_score"]) < 1
+
+
+def test_the_baseline_fires_no_scoring_event():
+    counter = EventCounter()
+    trainer = build(sequential_loader(), use_scoring=False, max_epochs=2, epoch_length=2, train_handlers=[counter])
+    trainer.run()
+    assert {name: dict(epochs) for name, epochs in counter.counts.items()} == {
+        "DISPLACEMENT_STEP_COMPLETED": {1: 2, 2: 2}
+    }
+
+
+def test_a_handler_attached_after_construction_and_extra_events():
+    trainer = build(sequential_loader(), motion=0, scoring=0, max_epochs=1, epoch_length=3, event_names=["custom"])
+    fired = []
+    trainer.add_event_handler(AdaCSIterationEvents.SCORING_STEP_COMPLETED, lambda engine: fired.append("scoring"))
+    trainer.add_event_handler("custom", lambda engine: fired.append("custom"))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: engine.fire_event("custom"))
+    trainer.run()
+    assert fired == ["scoring", "custom"] * 3
+
+
+def test_the_output_keys_keep_their_names():
+    """Configs, logs and TensorBoard tags name the terms by these strings: the enum must not rename them."""
+    assert [str(k) for k in LOSS_TERMS] == [
+        "loss", "loss_displacement", "loss_data", "loss_grad", "loss_scoring", "loss_ucs", "loss_reg", "loss_smooth",
+        "smoothness_weight", "mean_score",
+    ]
+    assert AdaCSKeys.MEAN_SCORE == "mean_score" and f"{AdaCSKeys.DATA_LOSS}" == "loss_data"
+    terms = loss_terms({str(k): 1.0 for k in LOSS_TERMS})
+    assert all(type(k) is str for k in terms) and set(terms) == {str(k) for k in LOSS_TERMS}
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), ("false", False), (" True ", True), ("0", False), (1, True)])
+def test_switches_accept_what_the_command_line_passes(value, expected):
+    assert build(sequential_loader(), use_mask=value).use_mask is expected
+

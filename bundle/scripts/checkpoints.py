@@ -3,14 +3,20 @@
 ``model.pt`` / ``scoring_model.pt`` are written by the validator's key-metric ``CheckpointSaver`` whenever the
 validation metric beats the best so far. That "best so far" lives in the saver, not in the epoch checkpoints, so a
 resumed run would start from nothing and overwrite ``model.pt`` with its first epoch however bad. ``BestModelTracking``
-puts it in the epoch checkpoints (MONAI's ``CheckpointSaver.load_state_dict`` restores it; MONAI has no
-``state_dict`` for it, so it is read from the saver's ignite ``Checkpoint``), and ``resumable_state`` decides what a
-``--resume_checkpoint`` restores:
+puts it in the epoch checkpoints (``AtomicCheckpointSaver.state_dict`` writes it, MONAI's
+``CheckpointSaver.load_state_dict`` restores it), and ``resumable_state`` decides what a ``--resume_checkpoint``
+restores:
 
 * a checkpoint in the run's own ``ckpt_dir`` continues that run: the selection goes on where it stopped;
 * a checkpoint from another folder starts a branch (e.g. AdaCS from VoxelMorph-MSE's warm-up): its ``model.pt`` is
   chosen among the branch's own epochs, as before;
 * checkpoints written before the tracking existed (bundle < 0.3.15) load as before.
+
+Why not MONAI's own ``CheckpointSaver(key_metric_save_state=True)``: it stores the tracking (ignite's
+``include_self``) inside the key-metric file itself, so ``model.pt`` would hold a ``checkpointer`` entry beside the
+weights and stop being the flat state dict the bundle ships and loads (``require_weights``, the inference configs),
+and it would not carry the evaluator's best metric and epoch. The state is the same (ignite's
+``{"_saved": [(priority, filename)]}``); only where it is kept differs.
 
 Writing them safely (``AtomicCheckpointSaver``): every file (epoch checkpoints, ``checkpoint_final.pt``,
 ``model.pt``, ``scoring_model.pt``) is serialised in memory, written to a temporary file in the same folder, flushed
@@ -73,19 +79,27 @@ def quiet_exception_handler(engine: Any, error: BaseException) -> None:
 
 
 class BestModelTracking:
-    """The key-metric savers' state (best metric so far and its file) and the evaluator's best metric and epoch."""
+    """The key-metric savers' state (best metric so far and its file) and the evaluator's best metric and epoch.
+
+    Args:
+        savers: the validator's key-metric :class:`AtomicCheckpointSaver` s (``model.pt``, ``scoring_model.pt``);
+            ``None`` entries, or savers without a key metric, track nothing.
+        evaluator: the validator, whose ``best_metric`` / ``best_metric_epoch`` are kept too.
+    """
 
     def __init__(self, savers: Sequence[Any], evaluator: Any = None) -> None:
+        for saver in savers:
+            if saver is not None and not callable(getattr(saver, "state_dict", None)):
+                raise TypeError(
+                    f"{type(saver).__name__} has no state_dict(): give the key-metric savers as "
+                    "scripts.checkpoints.AtomicCheckpointSaver (MONAI's CheckpointSaver can restore its tracking, "
+                    "not write it)"
+                )
         self.savers = list(savers)
         self.evaluator = evaluator
 
-    @staticmethod
-    def _tracker(saver: Any) -> Any:
-        return None if saver is None else getattr(saver, "_key_metric_checkpoint", None)
-
     def state_dict(self) -> dict:
-        trackers = [self._tracker(saver) for saver in self.savers]  # ignite's {"_saved": [(priority, filename)]}
-        state: dict = {"savers": [None if tracker is None else dict(tracker.state_dict()) for tracker in trackers]}
+        state: dict = {"savers": [None if saver is None else saver.state_dict() for saver in self.savers]}
         if self.evaluator is not None:
             state["best_metric"] = float(self.evaluator.state.best_metric)
             state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
@@ -98,8 +112,8 @@ class BestModelTracking:
                 f"the checkpoint tracks {len(saved)} best-model files, this configuration {len(self.savers)}"
             )
         for saver, state in zip(self.savers, saved):
-            if state is not None and self._tracker(saver) is not None:
-                saver.load_state_dict(state)
+            if state is not None and saver is not None and saver.state_dict() is not None:
+                saver.load_state_dict(state)  # MONAI's CheckpointSaver.load_state_dict
         if self.evaluator is not None and "best_metric" in state_dict:
             self.evaluator.state.best_metric = state_dict["best_metric"]
             self.evaluator.state.best_metric_epoch = state_dict["best_metric_epoch"]
@@ -309,6 +323,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     A run stopped by a :class:`TrainingStopped` (non-finite loss, failed write) does not save its state as the
     final checkpoint on the way out: the last good checkpoint stays the last one on disk.
+
+    :meth:`state_dict` is the counterpart of MONAI's ``load_state_dict``: the key-metric tracking, for
+    :class:`BestModelTracking` to keep in the epoch checkpoints.
     """
 
     def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
@@ -316,6 +333,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, getattr(checkpoint.save_handler, "filename", None))
+
+    def state_dict(self) -> dict | None:
+        """The key-metric tracking (ignite's ``{"_saved": [(priority, filename)]}``, what MONAI's
+        ``load_state_dict`` restores); ``None`` for a saver without a key metric."""
+        checkpoint = self._key_metric_checkpoint
+        return None if checkpoint is None else dict(checkpoint.state_dict())
 
     def exception_raised(self, engine: Any, e: BaseException) -> None:
         if isinstance(e, TrainingStopped):

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.data import MetaTensor
+from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import MapTransform
 from torch.utils.data import Sampler
 
@@ -93,13 +93,18 @@ def find_pairs(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def load_datalist_json(path: str | os.PathLike, section: str, base_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Items of ``section`` in a datalist JSON, with paths made absolute against ``base_dir`` (default: its folder)."""
+    """Items of ``section`` in a datalist JSON, with paths made absolute against ``base_dir`` (default: its folder).
+
+    Loaded by ``monai.data.load_decathlon_datalist``, after a check of the file's structure that names the file and
+    the problem (MONAI's loader would fail on a top-level list or a non-list section with a bare ``TypeError``, and
+    would turn an empty path into ``base_dir`` itself).
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: datalist file does not exist.")
     try:
         content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"{path}: not a readable JSON datalist ({error}).") from None
     if not isinstance(content, dict):
         raise DatasetError(
@@ -111,7 +116,6 @@ def load_datalist_json(path: str | os.PathLike, section: str, base_dir: str | os
     if not isinstance(content[section], list):
         raise DatasetError(f"{path}: section '{section}' must be a list of pairs, not {_json_type(content[section])}.")
     base = Path(base_dir) if base_dir else path.parent
-    items = []
     for i, item in enumerate(content[section]):
         if not isinstance(item, dict):
             raise DatasetError(f"{path}: item {i} of '{section}' must be an object with 'moving' and 'fixed' paths, "
@@ -123,8 +127,17 @@ def load_datalist_json(path: str | os.PathLike, section: str, base_dir: str | os
             if key in item and (not isinstance(item[key], str) or not item[key].strip()):
                 raise DatasetError(f"{path}: item {i} of '{section}': '{key}' must be a file path (a non-empty "
                                    f"string), not {json.dumps(item[key])}.")
-        items.append({k: (str(base / v) if k in PAIR_KEYS else v) for k, v in item.items()})
-    return items
+    loaded = load_decathlon_datalist(path, is_segmentation=False, data_list_key=section, base_dir=base)
+    # MONAI joins an entry to base_dir only when that path exists, whatever its key: a missing file is joined here
+    # too (the check then names where it was looked for), and the entries that are not files stay as written (a
+    # "case": "patient001" beside a folder patient001/ stays a name)
+    for item, raw in zip(loaded, content[section]):
+        for key in item:
+            if key not in PAIR_KEYS:
+                item[key] = raw[key]
+            elif item[key] == raw[key] and not os.path.isabs(raw[key]):
+                item[key] = os.path.normpath(base / raw[key])
+    return loaded
 
 
 def _json_type(value: Any) -> str:
@@ -315,7 +328,10 @@ def require_valid_dataset(
 
 
 class DropSingletonDepthd(MapTransform):
-    """(C, H, W, 1) -> (C, H, W): 2D images stored as one-slice NIfTI volumes."""
+    """(C, H, W, 1) -> (C, H, W): 2D images stored as one-slice NIfTI volumes; anything else passes unchanged.
+
+    Ours: MONAI's ``SqueezeDimd(dim=-1)`` raises on a stack whose last axis is not 1 (a dataset may mix both).
+    """
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         out = dict(data)
@@ -328,7 +344,10 @@ class DropSingletonDepthd(MapTransform):
 
 class CopyMetad(MapTransform):
     """Give ``keys`` (e.g. the predicted field, the warped image) the metadata of ``source_key`` (the moving image),
-    so that savers write them in the moving image's geometry and name them after it."""
+    so that savers write them in the moving image's geometry and name them after it.
+
+    Ours: MONAI's ``CopyItemsd`` copies data to new keys; nothing in MONAI copies one key's metadata onto others.
+    """
 
     def __init__(self, keys: Sequence[str], source_key: str = "moving", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -347,6 +366,9 @@ class CopyMetad(MapTransform):
 
 class PairSampler(Sampler):
     """Pairs drawn uniformly with replacement (the paper's sampling), data-parallel aware.
+
+    Ours: MONAI's ``DistributedSampler`` / ``DistributedWeightedRandomSampler`` give each rank its own part of the
+    dataset, so N processes would not draw the pairs one process draws; here every rank shares one global draw.
 
     Every rank draws the same global sequence (seeded by ``seed`` and the epoch) and takes its share of every
     global micro-batch, so N processes with ``batch_size`` b see exactly the pairs one process with batch N*b sees.

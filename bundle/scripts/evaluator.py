@@ -1,17 +1,23 @@
-"""Registration evaluator: predicts the field, warps the moving image and labels, hands them to MONAI metrics."""
+"""Registration evaluator: predicts the field, warps the moving image and labels, hands them to MONAI metrics.
+
+MONAI's ``SupervisedEvaluator`` runs one network on one image; registration needs the pair in, the field out, and
+the moving image and labels warped by it, so the iteration is ours. Its output keys are MONAI's ``CommonKeys`` and
+:class:`RegistrationKeys`.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from ignite.engine import Events
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
+from monai.networks import one_hot as monai_one_hot
 from monai.networks.blocks import Warp
 from monai.utils import CommonKeys as Keys
+from monai.utils.enums import StrEnum
 
 from .checkpoints import quiet_exception_handler
 from .trainer import PreparePairBatch
@@ -19,9 +25,19 @@ from .trainer import PreparePairBatch
 LABEL_WARPS = ("onehot", "binary_bilinear")
 
 
+class RegistrationKeys(StrEnum):
+    """Output keys of :class:`RegistrationEvaluator` beyond MONAI's ``CommonKeys`` (``image``, ``label``, ``pred``)."""
+
+    WARPED = "warped"  # the moving image warped by the predicted field
+    WARPED_LABEL = "warped_label"  # the moving label warped by the field, one-hot
+    MOVING_LABEL = "moving_label"  # the moving label, one-hot: the undeformed baseline
+    TRUE_DDF = "true_ddf"  # the true field, when the data has one (phantom)
+
+
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, 1, H, W) integer labels -> (B, C, H, W) float one-hot."""
-    return F.one_hot(labels[:, 0].long().clamp_min(0), num_classes).permute(0, 3, 1, 2).float()
+    """(B, 1, ...) integer labels -> (B, C, ...) float one-hot (``monai.networks.one_hot``; negative values count as
+    background)."""
+    return monai_one_hot(labels.long().clamp_min(0), num_classes, dtype=torch.float, dim=1)
 
 
 def warp_labels(labels: torch.Tensor, ddf: torch.Tensor, num_classes: int, method: str = "onehot") -> torch.Tensor:
@@ -126,16 +142,17 @@ class RegistrationEvaluator(Evaluator):
         with engine.mode(engine.network), torch.no_grad():
             ddf = engine.inferer(image, engine.network)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        output: dict[str, Any] = {Keys.IMAGE: image, Keys.PRED: ddf, "warped": engine.warp(moving, ddf)}
+        output: dict[str, Any] = {Keys.IMAGE: image, Keys.PRED: ddf, RegistrationKeys.WARPED: engine.warp(moving, ddf)}
         if all(isinstance(batchdata.get(k), torch.Tensor) for k in (engine.moving_label_key, engine.fixed_label_key)):
             device = engine.state.device
             moving_label = engine._select_labels(batchdata[engine.moving_label_key].to(device))
             fixed_label = engine._select_labels(batchdata[engine.fixed_label_key].to(device))
             output[Keys.LABEL] = one_hot(fixed_label, engine.num_classes)
-            output["moving_label"] = one_hot(moving_label, engine.num_classes)
-            output["warped_label"] = warp_labels(moving_label, ddf, engine.num_classes, engine.label_warp)
+            output[RegistrationKeys.MOVING_LABEL] = one_hot(moving_label, engine.num_classes)
+            warped_label = warp_labels(moving_label, ddf, engine.num_classes, engine.label_warp)
+            output[RegistrationKeys.WARPED_LABEL] = warped_label
         if isinstance(batchdata.get(engine.true_ddf_key), torch.Tensor):
-            output["true_ddf"] = batchdata[engine.true_ddf_key].to(engine.state.device)
+            output[RegistrationKeys.TRUE_DDF] = batchdata[engine.true_ddf_key].to(engine.state.device)
         engine.state.output = output
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -6,6 +6,10 @@ denominator still counts every pixel, as in the reference code.
 The similarity term is pluggable: any callable ``(warped, target) -> per-pixel dissimilarity`` works,
 e.g. ``torch.nn.MSELoss(reduction="none")`` (the paper: squared residual) or
 ``torch.nn.L1Loss(reduction="none")``. It must be non-negative and small where images agree.
+
+Ours: L_de and L_se are the method's (score-weighted terms, the pull of S to 1, the momentum-weighted smoothness of S);
+MONAI's registration losses (``BendingEnergyLoss``, ``DiffusionLoss``, ``LocalNormalizedCrossCorrelationLoss``) have
+no per-pixel weight map, and its smoothness terms differ from the reference's (``GradientL2Loss``).
 """
 
 from __future__ import annotations

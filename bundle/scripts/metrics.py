@@ -3,17 +3,45 @@
 Both are ``CumulativeIterationMetric`` subclasses, so ``monai.handlers.IgniteMetricHandler`` turns them into
 Ignite metrics (with per-case details for ``MetricsSaver``) exactly like MONAI's own metrics.
 Dice, Hausdorff and surface distances come from MONAI (``DiceMetric``, ``HausdorffDistanceMetric``,
-``SurfaceDistanceMetric``).
+``SurfaceDistanceMetric``; :func:`dice_scores`, the per-label Dice of two label maps, is ``compute_dice``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
-from monai.metrics import CumulativeIterationMetric
+from monai.metrics import CumulativeIterationMetric, compute_dice
 from monai.metrics.utils import do_metric_reduction
+from monai.networks import one_hot
+from monai.utils import CommonKeys as Keys
 from monai.utils import MetricReduction
+
+from .evaluator import RegistrationKeys
+
+
+def dice_scores(pred: np.ndarray, target: np.ndarray) -> dict[int, float]:
+    """Dice per foreground label value present in either integer label map (``monai.metrics.compute_dice``).
+
+    A label present in one map only scores 0; labels absent from both are left out (never NaN, never 1). The
+    values are renumbered onto channels 1..n first (memory bounded by the labels present, not the largest value),
+    and the one-hot maps are float64, so each score is exactly ``2 |A & B| / (|A| + |B|)`` in double precision.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    values = np.union1d(np.unique(pred), np.unique(target))
+    foreground = values[values != 0]
+    if foreground.size == 0:
+        return {}
+    channels = np.concatenate([[0], foreground])  # channel 0: background (0), channel i: foreground[i - 1]
+    order = np.argsort(channels, kind="stable")
+
+    def channel_map(labels: np.ndarray) -> torch.Tensor:
+        index = order[np.searchsorted(channels, labels, sorter=order)]
+        return one_hot(torch.as_tensor(index)[None, None], len(channels), dtype=torch.float64)
+
+    scores = compute_dice(channel_map(pred), channel_map(target), include_background=False, ignore_empty=False)
+    return {int(value): float(score) for value, score in zip(foreground, scores[0])}
 
 
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
@@ -46,7 +74,7 @@ def end_point_error(ddf: torch.Tensor, true_ddf: torch.Tensor, region: torch.Ten
 
 
 class _PerCaseMetric(CumulativeIterationMetric):
-    """Buffers one value per case and reduces like MONAI's metrics."""
+    """Buffers one value per case and reduces like MONAI's metrics, except that "no value" is NaN, not 0."""
 
     def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
         super().__init__()
@@ -66,14 +94,22 @@ class _PerCaseMetric(CumulativeIterationMetric):
 
 
 class FoldingMetric(_PerCaseMetric):
-    """% of pixels whose Jacobian determinant is <= 0. Call as ``metric(ddf, anything)``; ``y`` is ignored."""
+    """% of pixels whose Jacobian determinant is <= 0. Call as ``metric(ddf, anything)``; ``y`` is ignored.
+
+    Ours: MONAI has no Jacobian-determinant metric of a displacement field (its ``BendingEnergyLoss`` /
+    ``DiffusionLoss`` are smoothness losses, not folding counts).
+    """
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: Any = None) -> torch.Tensor:  # type: ignore[override]
         return folding_percentage(y_pred)
 
 
 class EndPointErrorMetric(_PerCaseMetric):
-    """Mean end-point error (pixels) over the whole image against the true field: ``metric(ddf, true_ddf)``."""
+    """Mean end-point error (pixels) over the whole image against the true field: ``metric(ddf, true_ddf)``.
+
+    Ours: MONAI has no end-point error (``RMSEMetric`` is the root of the mean squared component error, not the mean
+    vector norm).
+    """
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return end_point_error(y_pred, y)
@@ -81,12 +117,12 @@ class EndPointErrorMetric(_PerCaseMetric):
 
 def field_and_truth(output: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``output_transform`` for :class:`EndPointErrorMetric`: (predicted fields, true fields; NaN if unknown)."""
-    preds = [item["pred"] for item in output]
-    truths = [item.get("true_ddf", torch.full_like(item["pred"], float("nan"))) for item in output]
+    preds = [item[Keys.PRED] for item in output]
+    truths = [item.get(RegistrationKeys.TRUE_DDF, torch.full_like(item[Keys.PRED], float("nan"))) for item in output]
     return preds, truths
 
 
-def select_label(index: int, pred_key: str = "warped_label", label_key: str = "label") -> Callable:
+def select_label(index: int, pred_key: str = RegistrationKeys.WARPED_LABEL, label_key: str = Keys.LABEL) -> Callable:
     """``output_transform`` giving one label channel of one-hot predictions and labels (per-label Dice)."""
 
     def _transform(output: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -4,7 +4,7 @@ non-finite loss or weight (``NonFiniteGuard``).
 Once the scores are 1 everywhere, the sigmoid's gradient S (1 - S) vanishes, the scoring network cannot come back,
 and AdaCS trains exactly as VoxelMorph-MSE (with another pair order) for the rest of the run. On real data this
 happened with the paper's alpha 0.02 on ACDC in several seeds, within one or two scoring epochs
-(``docs/results_real_data.md``). Nothing in the loss curves shows it, so the monitor says it in the log.
+(``docs/reports/paper_alpha.md``). Nothing in the loss curves shows it, so the monitor says it in the log.
 ``score_headroom > 0`` (``scripts.networks.ScoringNet``, not the paper's) puts S = 1 at a finite logit; on ACDC it
 kept the seeds that saturate with the paper's sigmoid from saturating.
 MONAI has no handler for this; it is ours.
@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import math
 
+import ignite.distributed as idist
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import StatsHandler
+from monai.utils import CommonKeys as Keys
 
 from .checkpoints import TrainingStopped, loadable_checkpoint
-from .trainer import LOSS_TERMS, loss_terms
+from .trainer import LOSS_TERMS, MOTION_TERMS, SCORING_TERMS, AdaCSKeys, loss_terms
 
 
 def epoch_mean_score(values: list[float]) -> float:
@@ -33,8 +34,9 @@ def epoch_mean_score(values: list[float]) -> float:
 class ScoreSaturationMonitor:
     """Log a warning at the first epoch whose mean score S reaches ``threshold``.
 
-    Reads ``engine.state.output["mean_score"]`` (the trainer reports NaN in motion-only epochs, which are
-    ignored). The epoch of saturation is kept in ``engine.state.score_saturation_epoch`` (``None`` until then).
+    Reads ``engine.state.output[AdaCSKeys.MEAN_SCORE]`` (the trainer reports NaN in motion-only epochs, which are
+    ignored). Attached to ``ITERATION_COMPLETED``, so it also runs on engines other than the AdaCS trainer. The
+    epoch of saturation is kept in ``engine.state.score_saturation_epoch`` (``None`` until then).
 
     Args:
         threshold: epoch-mean score at or above which the scores count as saturated.
@@ -58,7 +60,7 @@ class ScoreSaturationMonitor:
         self._epoch_scores = []
 
     def _record(self, engine: Engine) -> None:
-        self._epoch_scores.append(loss_terms(engine.state.output).get("mean_score", math.nan))
+        self._epoch_scores.append(loss_terms(engine.state.output).get(AdaCSKeys.MEAN_SCORE, math.nan))
 
     def _check(self, engine: Engine) -> None:
         mean_score = epoch_mean_score(self._epoch_scores)
@@ -71,10 +73,6 @@ class ScoreSaturationMonitor:
             "VoxelMorph-MSE and will not recover. Set score_headroom (e.g. 0.05; not the paper's) or lower alpha "
             "(e.g. 0.01 on min-max normalised cine MRI) or scoring_learning_rate."
         )
-
-
-MOTION_TERMS = ("loss_displacement", "loss_data", "loss_grad")
-SCORING_TERMS = ("loss_scoring", "loss_ucs", "loss_reg", "loss_smooth", "mean_score")
 
 
 def phase_label(engine: Engine) -> str:
@@ -146,7 +144,7 @@ class NonFiniteGuard:
         scoring = getattr(phase, "trains_scoring", True) and getattr(engine, "use_scoring", True)
         return tuple(
             key for key in LOSS_TERMS
-            if key in ("loss", "smoothness_weight")
+            if key in (Keys.LOSS, AdaCSKeys.SMOOTHNESS_WEIGHT)
             or (motion and key in MOTION_TERMS)
             or (scoring and key in SCORING_TERMS)
         )
@@ -182,11 +180,9 @@ class NonFiniteGuard:
 
     def _check(self, engine: Engine) -> None:
         problems = self._problems(engine)
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([float(bool(problems))], device=engine.state.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not problems:
-                problems = ["another process's loss or weights"]
+        # the verdict of every data-parallel rank (the number itself in one process)
+        if idist.all_reduce(float(bool(problems)), op="MAX") and not problems:
+            problems = ["another process's loss or weights"]
         if not problems:
             return
         found = loadable_checkpoint(self.ckpt_dir) if self.ckpt_dir else None

@@ -143,7 +143,7 @@ class ScoringNet(nn.Module):
     ``S = (1 + headroom) * sigmoid(z)`` for the UNet's logit ``z``. ``headroom = 0`` is the paper: S in (0, 1), and
     S = 1 (the target of the pull term) lies at z = +inf, so wherever the residual is near zero the logit grows
     without bound; once the sigmoid saturates its gradient S (1 - S) vanishes and the network cannot come back
-    (``docs/results_real_data.md``: 3 of 6 ACDC seeds at the paper's alpha). ``headroom > 0`` (ours, not the
+    (``docs/reports/paper_alpha.md``: 3 of 6 ACDC seeds at the paper's alpha). ``headroom > 0`` (ours, not the
     paper's) puts S = 1 at the finite logit ln(1 / headroom), where the sigmoid still has slope, and makes
     overshooting it cost something; the loss's optimum S* = 1 - r^2 / (2 alpha) is unchanged and lies in (0, 1].
     A network does not reach it exactly, so a few scores end above 1 (at most ``1 + headroom``; on ACDC with 0.05,

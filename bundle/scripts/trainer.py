@@ -16,6 +16,11 @@ displacement network frozen, then joint. ``use_scoring=False`` turns the same tr
 re-runs f_theta with gradients and does not detach the warped image, so dL_ucs/dtheta lands in theta's gradients,
 which are cleared only after a displacement step; the leak is added into the next displacement update (and piles up
 over the scoring warm-up until the first joint step).
+
+Vocabulary (as MONAI's ``AdversarialTrainer`` with ``AdversarialIterationEvents`` / ``AdversarialKeys``): besides
+MONAI's ``IterationEvents`` the trainer fires :class:`AdaCSIterationEvents` (score maps, displacement step and scoring
+step completed), registered before the handlers attach, so a handler attaches by name; its output dict is keyed by
+MONAI's ``CommonKeys`` and :class:`AdaCSKeys` (string values, so configs and logs name them as before).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import ignite.distributed as idist
 import torch
-import torch.distributed as dist
-from ignite.engine import Events
+from ignite.engine import EventEnum, Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.networks.blocks import Warp
 from monai.utils import CommonKeys as Keys
+from monai.utils import str2bool
+from monai.utils.enums import StrEnum
 from torch.optim import Optimizer
 
 from .checkpoints import quiet_exception_handler
@@ -37,18 +44,54 @@ from .losses import Direction, DisplacementLoss, ScoringLoss, foreground_mask
 from .networks import RegistrationFields, registration_fields
 from .schedule import MomentumSmoothnessWeight, Phase, phase_for_epoch
 
-# every scalar the trainer reports (NaN when the phase skips that branch)
-LOSS_TERMS: tuple[str, ...] = (
-    Keys.LOSS,
-    "loss_displacement",
-    "loss_data",
-    "loss_grad",
-    "loss_scoring",
-    "loss_ucs",
-    "loss_reg",
-    "loss_smooth",
-    "smoothness_weight",
-    "mean_score",
+
+class AdaCSKeys(StrEnum):
+    """Keys of the trainer's output beyond MONAI's ``CommonKeys`` (``image``, ``label``, ``pred``, ``loss``).
+
+    Every one is a scalar, NaN in a micro-step whose phase skips that branch:
+
+    * ``DISPLACEMENT_LOSS``: L_de, with its ``DATA_LOSS`` (score-weighted dissimilarity) and ``GRAD_LOSS``
+      (smoothness of the field) terms;
+    * ``SCORING_LOSS``: L_se, with its ``UCS_LOSS``, ``REG_LOSS`` (pull of S to 1) and ``SMOOTH_LOSS`` terms;
+    * ``SMOOTHNESS_WEIGHT``: the momentum weight of L_smooth after this micro-step;
+    * ``MEAN_SCORE``: the mean of this micro-step's score maps.
+
+    The values are the names the logs, TensorBoard tags and configs have always used.
+    """
+
+    DISPLACEMENT_LOSS = "loss_displacement"
+    DATA_LOSS = "loss_data"
+    GRAD_LOSS = "loss_grad"
+    SCORING_LOSS = "loss_scoring"
+    UCS_LOSS = "loss_ucs"
+    REG_LOSS = "loss_reg"
+    SMOOTH_LOSS = "loss_smooth"
+    SMOOTHNESS_WEIGHT = "smoothness_weight"
+    MEAN_SCORE = "mean_score"
+
+
+class AdaCSIterationEvents(EventEnum):
+    """Events of one AdaCS micro-step, fired besides MONAI's ``IterationEvents``; attach with
+    ``trainer.add_event_handler(AdaCSIterationEvents.SCORING_STEP_COMPLETED, handler)`` (train_handlers included).
+
+    * ``SCORE_MAPS_COMPLETED``: the score maps g(fixed) (and g(moving)) of a micro-step that trains the scoring
+      network are computed (scoring warm-up and joint phases);
+    * ``DISPLACEMENT_STEP_COMPLETED``: the displacement step is done (backward, optimizer step at an accumulation
+      boundary, momentum updated); its loss terms are in ``engine.state.output`` (motion warm-up and joint phases);
+    * ``SCORING_STEP_COMPLETED``: the scoring step is done; its loss terms and ``MEAN_SCORE`` are in
+      ``engine.state.output`` (scoring warm-up and joint phases).
+    """
+
+    SCORE_MAPS_COMPLETED = "score_maps_completed"
+    DISPLACEMENT_STEP_COMPLETED = "displacement_step_completed"
+    SCORING_STEP_COMPLETED = "scoring_step_completed"
+
+
+# every scalar the trainer reports (NaN when the phase skips that branch), in the order they are logged
+LOSS_TERMS: tuple[str, ...] = (Keys.LOSS, *AdaCSKeys)
+MOTION_TERMS: tuple[str, ...] = (AdaCSKeys.DISPLACEMENT_LOSS, AdaCSKeys.DATA_LOSS, AdaCSKeys.GRAD_LOSS)
+SCORING_TERMS: tuple[str, ...] = (
+    AdaCSKeys.SCORING_LOSS, AdaCSKeys.UCS_LOSS, AdaCSKeys.REG_LOSS, AdaCSKeys.SMOOTH_LOSS, AdaCSKeys.MEAN_SCORE
 )
 
 
@@ -68,27 +111,15 @@ class PreparePairBatch:
 def loss_terms(output: Any) -> dict[str, float]:
     """``output_transform`` for Stats/TensorBoard handlers: every loss term and the momentum as floats."""
     item = output[0] if isinstance(output, list) else output
-    return {k: float(item[k]) for k in LOSS_TERMS if k in item}
+    return {str(k): float(item[k]) for k in LOSS_TERMS if k in item}
 
 
-def as_bool(value: Any, name: str) -> bool:
-    """A config switch as a bool; accepts ``"true"``/``"false"`` as the command line passes them."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
-
-
-def _global_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean over data-parallel ranks (identity without torch.distributed), so every rank sees the same momentum."""
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
+def _switch(value: Any, name: str) -> bool:
+    """``monai.utils.str2bool`` (the command line passes ``--use_scoring false`` as a string), naming the argument."""
+    try:
+        return str2bool(value if isinstance(value, bool) else str(value).strip())
+    except ValueError as error:
+        raise ValueError(f"{name} must be true or false: {error}") from None
 
 
 class AdaCSTrainer(Trainer):
@@ -113,6 +144,9 @@ class AdaCSTrainer(Trainer):
         warp_padding_mode: padding of the image warp (VoxelMorph: zeros).
         reference_gradient_leak: reproduce the reference code's leak of dL_ucs/dtheta into the displacement
             updates (default False: the paper's stop-gradient). Off the paper, on the published numbers' code.
+        event_names, event_to_attr: more custom events to register, as MONAI's ``Trainer``;
+            :class:`AdaCSIterationEvents` are always registered (before ``train_handlers`` attach).
+        The other arguments are MONAI's ``Trainer``'s.
     """
 
     def __init__(
@@ -147,10 +181,12 @@ class AdaCSTrainer(Trainer):
         decollate: bool = True,
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
     ) -> None:
-        use_scoring = as_bool(use_scoring, "use_scoring")
-        use_mask = as_bool(use_mask, "use_mask")
-        reference_gradient_leak = as_bool(reference_gradient_leak, "reference_gradient_leak")
+        use_scoring = _switch(use_scoring, "use_scoring")
+        use_mask = _switch(use_mask, "use_mask")
+        reference_gradient_leak = _switch(reference_gradient_leak, "reference_gradient_leak")
         if use_scoring and (scoring_network is None or scoring_optimizer is None or scoring_loss is None):
             raise ValueError("use_scoring=True needs scoring_network, scoring_optimizer and scoring_loss.")
         if accumulation_steps < 1:
@@ -170,6 +206,9 @@ class AdaCSTrainer(Trainer):
             handlers=train_handlers,
             decollate=decollate,
             to_kwargs=to_kwargs,
+            # registered before train_handlers attach (MONAI's AdversarialTrainer registers its events after)
+            event_names=[*(event_names or []), AdaCSIterationEvents],
+            event_to_attr=event_to_attr,
             **extra,
         )
         self.displacement_network = displacement_network
@@ -265,14 +304,15 @@ class AdaCSTrainer(Trainer):
         if phase.trains_scoring:
             engine.scoring_network.train()
             scores = engine.score_maps(moving, fixed, bidirectional)
+            engine.fire_event(AdaCSIterationEvents.SCORE_MAPS_COMPLETED)
 
         warped_directions = None
         if phase.trains_motion:
             warped_directions = engine._displacement_step(image, moving, fixed, scores, mask, zero_grad, step)
         if phase.trains_scoring:
             engine._scoring_step(image, moving, fixed, scores, mask, zero_grad, step, reuse=warped_directions)
-        output[Keys.LOSS] = output["loss_displacement"] if phase.trains_motion else output["loss_scoring"]
-        output["smoothness_weight"] = engine.smoothness_weight.value
+        output[Keys.LOSS] = output[AdaCSKeys.DISPLACEMENT_LOSS if phase.trains_motion else AdaCSKeys.SCORING_LOSS]
+        output[AdaCSKeys.SMOOTHNESS_WEIGHT] = engine.smoothness_weight.value
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
@@ -287,9 +327,11 @@ class AdaCSTrainer(Trainer):
         output[Keys.PRED] = fields.forward_ddf
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         losses = self.displacement_loss(directions, mask, fields.regularized_field)
-        output.update(
-            loss_displacement=losses["total"].detach(), loss_data=losses["data"].detach(), loss_grad=losses["grad"].detach()
-        )
+        output.update({
+            AdaCSKeys.DISPLACEMENT_LOSS: losses["total"].detach(),
+            AdaCSKeys.DATA_LOSS: losses["data"].detach(),
+            AdaCSKeys.GRAD_LOSS: losses["grad"].detach(),
+        })
         self.fire_event(IterationEvents.LOSS_COMPLETED)
         losses["total"].backward()
         self.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -298,8 +340,12 @@ class AdaCSTrainer(Trainer):
             if self.reference_gradient_leak:
                 self.displacement_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         # tracked in the baseline too (where no loss uses it): a run branched from a VoxelMorph-MSE checkpoint then
-        # starts its scoring phase with the momentum a from-scratch AdaCS run has after the same motion warm-up
-        self.smoothness_weight.update(float(_global_mean(losses["data"].detach())))
+        # starts its scoring phase with the momentum a from-scratch AdaCS run has after the same motion warm-up.
+        # The data term is averaged over the data-parallel ranks (identity in one process), so every rank keeps the
+        # same momentum; cloned, as the all-reduce is in place and the output holds the detached term.
+        data_term = idist.all_reduce(losses["data"].detach().clone(), op="SUM") / idist.get_world_size()
+        self.smoothness_weight.update(float(data_term))
+        self.fire_event(AdaCSIterationEvents.DISPLACEMENT_STEP_COMPLETED)
         if step:
             return None
         return [Direction(d.warped.detach(), d.target, None) for d in directions]
@@ -327,13 +373,14 @@ class AdaCSTrainer(Trainer):
             self.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             self.scoring_optimizer.step()
-        output.update(
-            loss_scoring=losses["total"].detach(),
-            loss_ucs=losses["ucs"].detach(),
-            loss_reg=losses["reg"].detach(),
-            loss_smooth=losses["smooth"].detach(),
-            mean_score=torch.stack([s.detach().mean() for s in scores]).mean(),
-        )
+        output.update({
+            AdaCSKeys.SCORING_LOSS: losses["total"].detach(),
+            AdaCSKeys.UCS_LOSS: losses["ucs"].detach(),
+            AdaCSKeys.REG_LOSS: losses["reg"].detach(),
+            AdaCSKeys.SMOOTH_LOSS: losses["smooth"].detach(),
+            AdaCSKeys.MEAN_SCORE: torch.stack([s.detach().mean() for s in scores]).mean(),
+        })
+        self.fire_event(AdaCSIterationEvents.SCORING_STEP_COMPLETED)
 
     def _leak_ucs_gradient(self, image, moving, fixed, scores, mask) -> list[Direction]:
         """The reference code's leak: dL_ucs/dtheta at theta_{t+1} added into theta's gradients (not stepped here).
