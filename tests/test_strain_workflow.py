@@ -234,6 +234,29 @@ def tracked(cine, network):
     return case, out
 
 
+def test_refined_tracking_keeps_the_exact_inverse_and_moves_towards_the_truth(cine, network):
+    """Issue 29: with refinement on, the ED->frame velocity is refined and U is its exact inverse (integrated -v):
+    the error against the phantom's true Lagrangian field at ES does not grow, and 0 steps changes nothing."""
+    from scripts.networks import ScoringNet
+    from scripts.refinement import InstanceRefiner
+
+    case = cine_case(cine, (1.0, 1.0))
+    es, myo = int(cine["es_index"]), cine["labels"][0] == 2
+    truth = cine["true_lagrangian"][es]
+    plain = CineRegistration(network).track(case, ACDC["myo"])
+    assert torch.equal(CineRegistration(network, refiner=InstanceRefiner(steps=0)).track(case, ACDC["myo"]), plain)
+    scoring = ScoringNet()
+    scoring.load_state_dict(torch.load(BUNDLE / "models" / "scoring_model.pt", weights_only=True))
+    refiner = InstanceRefiner(steps=20, scoring_network=scoring.eval())
+    refined = CineRegistration(network, refiner=refiner).track(case, ACDC["myo"])
+
+    def error(u):
+        return np.linalg.norm(u[es, 0].numpy() - truth, axis=0)[myo].mean()
+
+    assert not torch.allclose(refined, plain) and torch.all(refined[0] == 0)
+    assert error(refined) <= error(plain) + 0.02
+
+
 @pytest.mark.parametrize("lagrangian", ["inverse", "swap"])
 def test_network_lagrangian_field_has_the_lagrangian_direction(cine, tracked, lagrangian):
     """Measured (phantom 0, ES): EPE / mean |U| on the myocardium 0.23 (inverse), 0.43 (swap); -U would be ~2.

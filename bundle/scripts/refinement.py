@@ -45,6 +45,7 @@ class Refined:
     folding_pct_network: list[float]  # per pair, the network's own field
     steps: list[int]  # steps kept per pair (fewer than asked when the folding limit stopped it)
     notes: list[str] = field(default_factory=list)  # per pair, "" when nothing to say
+    backward_ddf: torch.Tensor | None = None  # the inverse field (integrated -v), diffeomorphic networks only
 
 
 class InstanceRefiner:
@@ -65,7 +66,7 @@ class InstanceRefiner:
     def __init__(
         self,
         steps: int = 0,
-        learning_rate: float = 0.05,
+        learning_rate: float = 0.1,
         lam: float = 0.01,
         regularization: torch.nn.Module | None = None,
         similarity: str = "mse",
@@ -104,7 +105,11 @@ class InstanceRefiner:
             start_folding = folding_percentage(network_ddf).flatten().tolist()
         batch = image.shape[0]
         if not self.active:
-            return Refined(network_ddf, start_folding, start_folding, [0] * batch, [""] * batch)
+            backward = None
+            if isinstance(core, DiffeomorphicVoxelMorph) and core.integrate is not None:
+                with torch.no_grad():
+                    backward = network(image, return_fields=True).backward_ddf
+            return Refined(network_ddf, start_folding, start_folding, [0] * batch, [""] * batch, backward)
         moving, fixed = image[:, :1], image[:, 1:2]
         mask = foreground_mask(moving, fixed)
         score = None
@@ -144,21 +149,31 @@ class InstanceRefiner:
                             kept[b], steps[b] = variable[b].detach().clone(), step
         with torch.no_grad():
             refined = to_ddf(kept)
+            backward = to_ddf(-kept) if diffeomorphic else None
             final_folding = folding_percentage(refined).flatten().tolist()
         notes = [f"refinement stopped after {steps[b]} of {self.steps} steps: folding would exceed "
                  f"{limit[b]:.2f} %" if stopped[b] else "" for b in range(batch)]
-        return Refined(refined, final_folding, start_folding, steps, notes)
+        return Refined(refined, final_folding, start_folding, steps, notes, backward)
 
 
 def refiner_from_settings(
-    steps: int, learning_rate: float, lam: float, similarity: str, score_weighted: bool,
-    scoring_network: torch.nn.Module | None, max_folding_pct: float, regularization: torch.nn.Module | None = None,
+    steps: int, learning_rate: float = 0.1, lam: float = 0.01, similarity: str = "mse", score_weighted: bool = True,
+    scoring_network: torch.nn.Module | None = None, scoring_ckpt_path: str | None = None,
+    max_folding_pct: float = 0.5, regularization: torch.nn.Module | None = None, device: str | torch.device = "cpu",
 ) -> InstanceRefiner:
-    """The configs' ``refine_*`` settings as a refiner (the scoring network only when it is used)."""
-    steps = int(steps)
-    weighted = str2bool(score_weighted)
-    return InstanceRefiner(steps, learning_rate, lam, regularization, similarity, weighted,
-                           scoring_network if (steps > 0 and weighted) else None, max_folding_pct)
+    """The configs' ``refine_*`` settings as a refiner. The scoring network (and its weights, checked and logged by
+    ``io_safety.load_weights``) is built only when refinement is on and score-weighted."""
+    from .io_safety import load_weights
+
+    steps, weighted = int(steps), str2bool(score_weighted)
+    scoring = None
+    if steps > 0 and weighted:
+        if scoring_network is None:
+            raise ValueError("score-weighted refinement needs the scoring network (scoring_network_def).")
+        scoring = scoring_network.to(device)
+        if scoring_ckpt_path:
+            load_weights(scoring, scoring_ckpt_path, "scoring network (refinement)", torch.device(device))
+    return InstanceRefiner(steps, learning_rate, lam, regularization, similarity, weighted, scoring, max_folding_pct)
 
 
 def refine_batch(refiner: InstanceRefiner | None, network: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:

@@ -52,11 +52,14 @@ class CineRegistration:
         lagrangian: ``"inverse"`` (ED moving, the inverse field; needs a diffeomorphic network) or ``"swap"``.
         tracking_mode: ``"direct"``, ``"sequential"`` or ``"drift_corrected"`` (see ``tracking.track_cycle``).
         batch_size: pairs per network call.
+        refiner: optional test-time refinement of each pair (``refinement.InstanceRefiner``; its velocity is refined,
+            so the inverse field stays exact).
     """
 
     def __init__(self, network: torch.nn.Module, image_size: Sequence[int] = (128, 128),
                  roi_size: Sequence[int] | None = (128, 128), lagrangian: str = "inverse",
-                 tracking_mode: str = "direct", device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+                 tracking_mode: str = "direct", device: str | torch.device = "cpu", batch_size: int = 32,
+                 refiner: Any = None) -> None:
         if lagrangian not in ("inverse", "swap"):
             raise ValueError(f"lagrangian must be 'inverse' or 'swap', got {lagrangian!r}.")
         core = network.module if hasattr(network, "module") else network
@@ -67,13 +70,18 @@ class CineRegistration:
         self.roi_size = None if roi_size is None else tuple(int(s) for s in roi_size)
         self.lagrangian, self.tracking_mode = lagrangian, tracking_mode
         self.device, self.batch_size = torch.device(device), int(batch_size)
+        self.refiner = refiner if (refiner is not None and refiner.active) else None
 
     @torch.no_grad()
     def _lagrangian(self, reference: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(N, h, w)`` network-grid images -> U ``(N, 2, h, w)`` on the reference grid (network pixels)."""
         if self.lagrangian == "swap":
-            return self.network(torch.stack([target, reference], 1))
-        return self.network(torch.stack([reference, target], 1), return_fields=True).backward_ddf
+            image = torch.stack([target, reference], 1)
+            return self.network(image) if self.refiner is None else self.refiner(self.network, image).ddf
+        image = torch.stack([reference, target], 1)
+        if self.refiner is not None:
+            return self.refiner(self.network, image).backward_ddf
+        return self.network(image, return_fields=True).backward_ddf
 
     def window(self, case: StrainCase, myo_code: int) -> tuple[slice, slice, tuple[int, int]]:
         """The crop (native pixels, may extend past the image) centred on the ED myocardium's centroid."""

@@ -76,6 +76,7 @@ class StrainWorkflow:
         figures: write the figures; ``figure_definition``: ``green`` or ``engineering`` in them.
         overwrite: replace an earlier run's outputs in ``output_dir`` (removed first); otherwise such a folder is
             refused before anything is written.
+        refiner: optional test-time refinement of every registered pair (``refinement.InstanceRefiner``).
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class StrainWorkflow:
         roi_size: Sequence[int] | None = (128, 128), segment_options: dict[str, Any] | None = None,
         figures: bool = True, figure_definition: str = "green", device: str | torch.device = "cpu",
         batch_size: int = 32, progress: bool = True, exit_on_failure: bool = True, overwrite: bool = False,
+        refiner: Any = None,
     ) -> None:
         if view not in COMPONENTS:
             raise ValueError(f"view must be one of {tuple(COMPONENTS)}, got {view!r}.")
@@ -96,7 +98,8 @@ class StrainWorkflow:
         self.labels = {k: int(v) for k, v in (labels or ACDC_LABELS).items()}
         self.view, self.directions, self.segment_options = view, directions, dict(segment_options or {})
         self.figures, self.figure_definition = str2bool(figures), figure_definition
-        self.registration = CineRegistration(network, image_size, roi_size, lagrangian, tracking, device, batch_size)
+        self.registration = CineRegistration(network, image_size, roi_size, lagrangian, tracking, device, batch_size,
+                                             refiner)
         self.device, self.progress, self.exit_on_failure = torch.device(device), str2bool(progress), exit_on_failure
         self.rows: list[dict[str, Any]] = []
 
