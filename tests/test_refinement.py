@@ -8,6 +8,7 @@ import torch
 from monai.networks.blocks import Warp
 
 from conftest import BUNDLE
+from scripts.losses import GradientL2Loss
 from scripts.metrics import end_point_error, folding_percentage
 from scripts.networks import DiffeomorphicVoxelMorph, ScoringNet, ZeroDisplacement
 from scripts.phantom import cardiac_phantom_pair
@@ -105,6 +106,23 @@ def test_one_way_network_and_local_ncc(batch):
     before = refiner._dissimilarity(image[:, :1], image[:, 1:2]).mean()
     after = refiner._dissimilarity(Warp()(image[:, :1], out.ddf), image[:, 1:2]).mean()
     assert after < before
+
+
+def test_the_weighted_loss_matches_a_hand_computation():
+    moving = torch.tensor([[[[0.0, 1.0, 0.5], [0.0, 0.0, 0.2]]]])  # (1, 1, 2, 3)
+    fixed = torch.tensor([[[[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]]])
+    score = torch.tensor([[[[0.9, 0.2, 1.0], [0.5, 0.7, 0.3]]]])
+    field = torch.zeros(1, 2, 2, 3)
+    field[0, 1, 0, 2] = 0.5  # one vector: the regulariser sees it; the zero field warps nothing
+    refiner = InstanceRefiner(lam=0.1)
+    loss = refiner.pair_losses(torch.zeros(1, 2, 2, 3), field, moving, fixed, score, GradientL2Loss(loss_mult=2))
+    # data: M excludes the two pixels that are 0 in both images; squared residuals weighted by S, mean over 6
+    data = (0.2 * 0.25 + 1.0 * 0.0 + 0.5 * 1.0 + 0.3 * 0.04) / 6
+    # smoothness: loss_mult 2 x mean over the two axes of the mean squared forward differences of the field
+    diffs_axis0 = (0.5 ** 2) / (2 * 1 * 3)  # channel 1, column 2: rows 0 -> 1 differ by -0.5 (2 channels x 1 x 3)
+    diffs_axis1 = (0.5 ** 2) / (2 * 2 * 2)  # channel 1, row 0: columns 1 -> 2 differ by 0.5 (2 channels x 2 x 2)
+    expected = data + 0.1 * 2 * (diffs_axis0 + diffs_axis1) / 2
+    assert loss.shape == (1,) and loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_bad_settings_are_named():

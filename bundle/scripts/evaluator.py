@@ -69,6 +69,8 @@ class RegistrationEvaluator(Evaluator):
         label_warp: see :func:`warp_labels`.
         labels_to_keep: optional label values kept as foreground (others become background), e.g. ``[2]`` to
             evaluate the myocardium only; they are renumbered 1..n in that order.
+        refiner: optional test-time refinement of each pair (``refinement.InstanceRefiner``); inactive (0 steps) or
+            ``None``: the inferer's field.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class RegistrationEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         decollate: bool = True,
         to_kwargs: dict | None = None,
+        refiner: Any = None,
     ) -> None:
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
         super().__init__(
@@ -120,6 +123,7 @@ class RegistrationEvaluator(Evaluator):
         self.label_warp = label_warp
         self.moving_label_key, self.fixed_label_key, self.true_ddf_key = moving_label_key, fixed_label_key, true_ddf_key
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
+        self.refiner = refiner if (refiner is not None and refiner.active) else None
 
     def _register_handlers(self, handlers: Sequence) -> None:
         self.add_event_handler(Events.EXCEPTION_RAISED, quiet_exception_handler)  # see AdaCSTrainer
@@ -140,7 +144,10 @@ class RegistrationEvaluator(Evaluator):
         moving, fixed = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         image = torch.cat([moving, fixed], dim=1)
         with engine.mode(engine.network), torch.no_grad():
-            ddf = engine.inferer(image, engine.network)
+            if engine.refiner is None:
+                ddf = engine.inferer(image, engine.network)
+            else:  # Adam on each pair's field (the refiner enables gradients for its own variable only)
+                ddf = engine.refiner(engine.network, image).ddf
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         output: dict[str, Any] = {Keys.IMAGE: image, Keys.PRED: ddf, RegistrationKeys.WARPED: engine.warp(moving, ddf)}
         if all(isinstance(batchdata.get(k), torch.Tensor) for k in (engine.moving_label_key, engine.fixed_label_key)):

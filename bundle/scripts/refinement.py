@@ -97,6 +97,18 @@ class InstanceRefiner:
             return (warped - fixed) ** 2
         return 1.0 + self.lncc(warped, fixed)  # MONAI returns -NCC per pixel: 1 - NCC >= 0, 0 where they agree
 
+    def pair_losses(
+        self, ddf: torch.Tensor, field: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
+        score: torch.Tensor | None, regularization: torch.nn.Module,
+    ) -> torch.Tensor:
+        """Per pair: mean_x[M S d(moving o ddf, fixed)] + lam * regularization(field), shape ``(B,)``; M the
+        foreground mask of the training loss, S the score map (1 when ``None``), d MSE or 1 - local NCC."""
+        residual = self._dissimilarity(self.warp(moving, ddf), fixed) * foreground_mask(moving, fixed)
+        if score is not None:
+            residual = residual * score
+        smooth = torch.stack([regularization(field[b:b + 1]) for b in range(field.shape[0])])
+        return residual.flatten(1).mean(1) + self.lam * smooth
+
     def __call__(self, network: torch.nn.Module, image: torch.Tensor) -> Refined:
         """``image``: ``(B, 2, h, w)`` network-grid pairs (moving, fixed). Returns the refined forward fields."""
         core = network.module if hasattr(network, "module") else network
@@ -111,7 +123,6 @@ class InstanceRefiner:
                     backward = network(image, return_fields=True).backward_ddf
             return Refined(network_ddf, start_folding, start_folding, [0] * batch, [""] * batch, backward)
         moving, fixed = image[:, :1], image[:, 1:2]
-        mask = foreground_mask(moving, fixed)
         score = None
         if self.score_weighted:
             with torch.no_grad():
@@ -129,13 +140,8 @@ class InstanceRefiner:
         with torch.enable_grad():
             for step in range(1, self.steps + 1):
                 optimizer.zero_grad(set_to_none=True)
-                ddf = to_ddf(variable)
-                residual = self._dissimilarity(self.warp(moving, ddf), fixed) * mask
-                if score is not None:
-                    residual = residual * score
-                data = residual.flatten(1).mean(1)
-                smooth = torch.stack([regularization(variable[b:b + 1]) for b in range(batch)])
-                (data + self.lam * smooth).sum().backward()  # a sum of per-pair losses: pairs independent
+                losses = self.pair_losses(to_ddf(variable), variable, moving, fixed, score, regularization)
+                losses.sum().backward()  # a sum of per-pair losses: pairs independent
                 optimizer.step()
                 with torch.no_grad():
                     folding = folding_percentage(to_ddf(variable)).flatten().tolist()
