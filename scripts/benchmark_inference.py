@@ -22,18 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.blocks import Warp
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-sys.path.insert(0, str(BUNDLE))
-from monai.networks.blocks import Warp  # noqa: E402
+from _bundle import BUNDLE, import_bundle
 
+import_bundle()
 from scripts.evaluator import one_hot  # noqa: E402
 from scripts.metrics import folding_percentage  # noqa: E402
 from scripts.networks import DiffeomorphicVoxelMorph  # noqa: E402

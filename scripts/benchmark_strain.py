@@ -48,10 +48,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+from _bundle import BUNDLE, REPO, import_bundle
+
+import_bundle()
 from scripts.networks import DiffeomorphicVoxelMorph  # noqa: E402
 from scripts.phantom import cardiac_phantom_cine  # noqa: E402
 from scripts.registration_io import minmax_resize  # noqa: E402

@@ -46,14 +46,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
+from monai.networks.blocks import Warp
+from torch.utils.flop_counter import FlopCounterMode
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-sys.path.insert(0, str(BUNDLE))
+from _bundle import BUNDLE, import_bundle
 
-from monai.bundle import ConfigParser  # noqa: E402
-from monai.networks.blocks import Warp  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
+import_bundle()
 from scripts.losses import Direction, foreground_mask  # noqa: E402
 from scripts.networks import registration_fields  # noqa: E402
 from scripts.phantom import cardiac_phantom_pair  # noqa: E402

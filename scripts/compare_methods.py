@@ -42,10 +42,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+from _bundle import BUNDLE, import_bundle
+
+import_bundle()
 
 from scripts.data import DatasetError, pair_datalist  # noqa: E402
 from scripts.evaluator import warp_labels  # noqa: E402

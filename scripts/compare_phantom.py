@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigWorkflow
+from scipy import stats
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-sys.path.insert(0, str(BUNDLE))
+from _bundle import BUNDLE, import_bundle
 
-from monai.bundle import ConfigWorkflow  # noqa: E402
-from scipy import stats  # noqa: E402
+import_bundle()
 
 METRICS = ("val_mean_dice", "val_dice_myo", "val_dice_lv", "val_dice_rv", "val_hd95", "val_hd", "val_asd",
            "val_folding_pct", "val_epe")

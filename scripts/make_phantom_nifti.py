@@ -9,13 +9,14 @@ Writes <case>_ED.nii.gz, <case>_ES.nii.gz, <case>_ED_gt.nii.gz, <case>_ES_gt.nii
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+from _bundle import import_bundle
+
+import_bundle()
 from scripts.phantom import MODES, cardiac_phantom_pair  # noqa: E402
 
 

@@ -33,8 +33,7 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _prep_common import PairSlices, Report, crop_or_pad, finish, split_patients, write_datalist, write_pair  # noqa: E402
+from _prep_common import PairSlices, Report, crop_or_pad, finish, split_patients, write_datalist, write_pair
 
 MYOCARDIUM = 2
 _H5_NAME = re.compile(r"^(?P<patient>patient\d+)_frame(?P<frame>\d+)\.h5$")

@@ -32,8 +32,7 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _prep_common import PairSlices, Report, finish, resize_image, resize_label, split_patients, write_datalist, write_pair  # noqa: E402
+from _prep_common import PairSlices, Report, finish, resize_image, resize_label, split_patients, write_datalist, write_pair
 
 _NAME = re.compile(r"^(?P<patient>patient\d+)_(?P<view>2CH|4CH)_(?P<phase>ED|ES)(?P<gt>_gt)?\.(?P<ext>npy|nii\.gz|nii)$")
 KEYS = {("ED", False): "ed", ("ES", False): "es", ("ED", True): "ed_gt", ("ES", True): "es_gt"}

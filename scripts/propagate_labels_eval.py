@@ -24,7 +24,6 @@ import argparse
 import csv
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,9 +31,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
+from _bundle import BUNDLE, REPO, import_bundle
+
+import_bundle()
 from scripts.networks import DiffeomorphicVoxelMorph  # noqa: E402
 from scripts.registration_io import PairDataset, PairRegistrationRunner  # noqa: E402
 

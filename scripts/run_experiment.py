@@ -5,7 +5,7 @@ or more seeds, then compared with undeformed and Elastix under the paper's proto
     python scripts/run_experiment.py --dataset camus --dataset-dir /work/prepared/camus --out /work/exp_camus \
         --seeds 0 1 2 --jobs 2
 
-For each seed N, under --out (the commands are those in the header of ``bundle/configs/acdc.yaml``):
+For each seed N, under --out:
 
 * ``seedN/vxm``: VoxelMorph-MSE (same trainer, scoring off), motion warm-up + joint epochs, every epoch's
   checkpoint kept;
@@ -19,11 +19,14 @@ For each seed N, under --out (the commands are those in the header of ``bundle/c
 Each run folder keeps ``cmd.sh`` (the exact command), ``train.log`` and ``timing.json``; a run with ``models/model.pt``
 and ``timing.json`` is not trained again (``--force`` retrains), and an interrupted run continues from its last epoch
 checkpoint (``progress.json`` records the attempts), so an interrupted experiment resumes where it stopped. A failed
-seed is reported with its log and the others go on; the exit code is non-zero if any failed.
+seed is reported with its log and the others go on; the exit code is non-zero if any failed. ``--dry-run`` prints the
+trainings' commands (as their ``cmd.sh`` would hold them) and runs nothing.
 
-``--schedule cpu`` (default) is the 2-core CPU recipe of the shipped weights: 20 motion + 1 scoring warm-up + 10
-joint epochs, displacement lr 1e-3, scoring lr 1e-4, alpha 0.01 (ACDC) / 0.04 (CAMUS). ``--schedule paper`` is the
-paper's: 20 + 20 + 300 epochs, lr 1e-4, the dataset config's alpha (a GPU budget).
+The schedules are config files of the bundle, ``bundle/configs/schedule_<name>.yaml``: ``--schedule cpu`` (default)
+is the 2-core CPU recipe of the shipped weights (20 motion + 1 scoring warm-up + 10 joint epochs, displacement lr
+1e-3, scoring lr 1e-4, alpha 0.01 on ACDC / 0.04 on CAMUS), ``--schedule paper`` the paper's (20 + 20 + 300 epochs,
+lr 1e-4, the dataset config's alpha; a GPU budget). ``--motion-warmup``, ``--scoring-warmup``, ``--joint``, ``--lr``,
+``--scoring-lr`` and ``--alpha`` override a schedule's values.
 """
 
 from __future__ import annotations
@@ -40,13 +43,46 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
-SCHEDULES = {
-    "cpu": {"motion_warmup": 20, "scoring_warmup": 1, "joint": 10, "lr": 1e-3, "scoring_lr": 1e-4,
-            "alpha": {"acdc": 0.01, "camus": 0.04}},
-    "paper": {"motion_warmup": 20, "scoring_warmup": 20, "joint": 300, "lr": 1e-4, "scoring_lr": 1e-4, "alpha": {}},
-}
+SCHEDULE_EPOCHS = ("motion_warmup_epochs", "scoring_warmup_epochs", "joint_epochs")
+SCHEDULE_RATES = ("learning_rate", "scoring_learning_rate")
+
+
+def schedule_file(bundle: Path, name: str) -> Path:
+    """``<bundle>/configs/schedule_<name>.yaml``."""
+    return bundle / "configs" / f"schedule_{name}.yaml"
+
+
+def schedule_names(bundle: Path = REPO / "bundle") -> list[str]:
+    """The schedules a bundle defines (``cpu``, ``paper``)."""
+    return sorted(path.stem[len("schedule_"):] for path in (bundle / "configs").glob("schedule_*.yaml"))
+
+
+def load_schedule(path: Path) -> dict:
+    """A schedule file's values, checked: epochs (whole numbers >= 0), learning rates (> 0), ``alpha`` per dataset."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist (schedules: {', '.join(schedule_names(path.parent.parent))})")
+    content = yaml.safe_load(path.read_text()) or {}
+    problems = [f"unknown key {key!r}" for key in content if key not in (*SCHEDULE_EPOCHS, *SCHEDULE_RATES, "alpha")]
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
+    for key in SCHEDULE_EPOCHS:
+        value = content.get(key)
+        if not (number(value) and value == int(value) and value >= 0):
+            problems.append(f"{key} is {value!r}, not a whole number of epochs")
+    for key in SCHEDULE_RATES:
+        value = content.get(key)
+        if not (number(value) and value > 0):
+            problems.append(f"{key} is {value!r}, not a positive number (YAML reads 1e-4 as text: write 0.0001)")
+    alpha = content.get("alpha") or {}
+    if not isinstance(alpha, dict) or not all(number(value) for value in alpha.values()):
+        problems.append(f"alpha is {alpha!r}, not a mapping dataset: number")
+    if problems:
+        raise SystemExit(f"error: {path}: " + "; ".join(problems))
+    return {**{key: int(content[key]) for key in SCHEDULE_EPOCHS},
+            **{key: float(content[key]) for key in SCHEDULE_RATES}, "alpha": {k: float(v) for k, v in alpha.items()}}
 
 
 @dataclass
@@ -103,6 +139,11 @@ def adacs_command(plan: Plan, run_dir: Path, seed: int, baseline_dir: Path) -> l
     if plan.score_headroom is not None:
         args += ["--score_headroom", str(plan.score_headroom)]
     return _bundle_command(plan, run_dir, seed, *args)
+
+
+def shell_script(plan: Plan, command: list[str]) -> str:
+    """A training's ``cmd.sh``: from the bundle root, with the run's thread count."""
+    return f"cd {shlex.quote(str(plan.bundle.resolve()))}\nOMP_NUM_THREADS={plan.threads} " + shlex.join(command) + "\n"
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -171,8 +212,7 @@ def train(plan: Plan, run_dir: Path, command: list[str], branch_epoch_file: Path
     attempts.append({"started": started, "seconds_before": round(done, 1),
                      "resumed_from_epoch": None if latest is None else latest[0]})
     progress.write_text(json.dumps({"attempts": attempts}, indent=1))
-    (run_dir / "cmd.sh").write_text(f"cd {shlex.quote(str(plan.bundle.resolve()))}\nOMP_NUM_THREADS={plan.threads} "
-                                    + shlex.join(command) + "\n")
+    (run_dir / "cmd.sh").write_text(shell_script(plan, command))
     run_logged(command, plan.bundle, run_dir / "train.log", plan.threads, append=latest is not None)
     timing = {"seconds": round(done + time.time() - started, 1)}
     if len(attempts) > 1:
@@ -237,7 +277,7 @@ def compare_seed(args: argparse.Namespace, out: Path, seed: int, times: tuple[st
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    schedule = SCHEDULES[args.schedule]
+    schedule = load_schedule(schedule_file(args.bundle, args.schedule))
     alpha = args.alpha if args.alpha is not None else schedule["alpha"].get(args.dataset)
     extra: list[str] = []
     for item in args.bundle_arg:
@@ -250,11 +290,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"error: {args.bundle / dataset_config} does not exist")
     if not (args.dataset_dir / "datalist.json").is_file():
         raise SystemExit(f"error: {args.dataset_dir} has no datalist.json: prepare it with scripts/prepare_{args.dataset}.py")
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else schedule[name]  # noqa: E731
+    pick = lambda name, key: getattr(args, name) if getattr(args, name) is not None else schedule[key]  # noqa: E731
     return Plan(bundle=args.bundle, dataset_config=dataset_config, dataset_dir=args.dataset_dir,
-                motion_warmup=pick("motion_warmup"), scoring_warmup=pick("scoring_warmup"), joint=pick("joint"),
-                lr=pick("lr"), scoring_lr=pick("scoring_lr"), alpha=alpha, extra=extra, threads=args.threads,
-                force=args.force, score_headroom=args.score_headroom)
+                motion_warmup=pick("motion_warmup", "motion_warmup_epochs"),
+                scoring_warmup=pick("scoring_warmup", "scoring_warmup_epochs"), joint=pick("joint", "joint_epochs"),
+                lr=pick("lr", "learning_rate"), scoring_lr=pick("scoring_lr", "scoring_learning_rate"), alpha=alpha,
+                extra=extra, threads=args.threads, force=args.force, score_headroom=args.score_headroom)
+
+
+def dry_run(plan: Plan, out: Path, seeds: list[int]) -> str:
+    """Each seed's two training commands, as their ``cmd.sh`` would hold them (a run interrupted earlier would resume instead)."""
+    lines = []
+    for seed in seeds:
+        vxm_dir, adacs_dir = out / f"seed{seed}" / "vxm", out / f"seed{seed}" / "adacs"
+        lines += [f"# seed {seed}: VoxelMorph-MSE, {vxm_dir / 'cmd.sh'}",
+                  shell_script(plan, baseline_command(plan, vxm_dir, seed)).rstrip("\n"),
+                  f"# seed {seed}: AdaCS, branched from the baseline's epoch {plan.motion_warmup}, {adacs_dir / 'cmd.sh'}",
+                  shell_script(plan, adacs_command(plan, adacs_dir, seed, vxm_dir)).rstrip("\n")]
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,7 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default: 0)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained at the same time (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="threads per process (default: cores / jobs)")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="cpu")
+    parser.add_argument("--schedule", choices=schedule_names(), default="cpu",
+                        help="bundle/configs/schedule_<name>.yaml (default: cpu)")
     parser.add_argument("--motion-warmup", type=int, default=None, help="motion-only warm-up epochs (schedule's)")
     parser.add_argument("--scoring-warmup", type=int, default=None, help="scoring-only warm-up epochs")
     parser.add_argument("--joint", type=int, default=None, help="joint epochs")
@@ -284,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-elastix", action="store_true", help="leave Elastix out of the tables")
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--force", action="store_true", help="retrain runs that are already trained")
+    parser.add_argument("--dry-run", action="store_true", help="print the trainings' commands and run nothing")
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     args.dataset_dir, args.out, args.bundle = args.dataset_dir.resolve(), args.out.resolve(), args.bundle.resolve()
@@ -293,6 +348,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
+    if args.dry_run:
+        print(dry_run(plan, args.out, args.seeds), end="")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
 
     def one_seed(seed: int) -> tuple[int, tuple[str, str] | None, str]:

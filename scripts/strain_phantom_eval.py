@@ -49,10 +49,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+from _bundle import BUNDLE, REPO, import_bundle
+
+import_bundle()
 from scripts.myocardium import PHANTOM_ORIENTATION  # noqa: E402
 from scripts.networks import DiffeomorphicVoxelMorph  # noqa: E402
 from scripts.phantom import cardiac_phantom_cine, true_strain  # noqa: E402

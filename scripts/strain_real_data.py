@@ -42,13 +42,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage, stats
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
-from propagate_labels_eval import _save, polygon_mask  # noqa: E402  (shared converters' building blocks)
+from _bundle import BUNDLE, REPO, import_bundle
+from propagate_labels_eval import _save, polygon_mask  # the shared converters' building blocks
+
+import_bundle()
 
 DATASETS = ("acdc", "camus", "sunnybrook")
 TRACKING_MODES = ("direct", "sequential", "drift_corrected")
@@ -449,7 +446,8 @@ def run_workflow(settings: dict[str, Any], output_dir: Path, ckpt: Path, trackin
         datalist=str(datalist) if datalist else None, labels=settings["labels"], view=settings["view"],
         directions=settings["directions"], tracking=tracking, lagrangian=settings["lagrangian"],
         image_size=settings["image_size"], roi_size=settings["roi_size"], segment_options=settings["segment_options"],
-        figures=figures, device="cpu", batch_size=settings["batch_size"], progress=False, exit_on_failure=False)
+        figures=figures, device="cpu", batch_size=settings["batch_size"], progress=False, exit_on_failure=False,
+        overwrite=True)  # the tool regenerates its outputs
     return workflow.run()
 
 
@@ -531,7 +529,7 @@ def segment_table(rows: Sequence[dict], groups: Sequence[str]) -> list[str]:
 def shipped_model_split(pairs_csv: Path) -> dict[str, str]:
     """Patient -> section (training / validation / testing) of the ACDC split the shipped ``models/model.pt`` was
     trained with (``prepare_acdc.py --val-patients 5 --test-patients 10``, seed 0, stratified by group; see
-    ``docs/results_real_data.md``), recomputed with ``_prep_common.split_patients`` over the same 50 patients."""
+    ``docs/reports/real_data_setup.md``), recomputed with ``_prep_common.split_patients`` over the same 50 patients."""
     from _prep_common import split_patients
 
     groups = {r["patient"]: r["group"] for r in csv.DictReader(open(pairs_csv))}

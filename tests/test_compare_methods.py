@@ -16,6 +16,9 @@ import torch
 from conftest import load_repo_script, ring_label, write_ring_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+TOOLS = str(REPO / "scripts")
+if TOOLS not in sys.path:  # as running a tool does: its helpers (_bundle.py, _prep_common.py) import from there
+    sys.path.append(TOOLS)
 
 
 _load = load_repo_script

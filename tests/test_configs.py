@@ -167,6 +167,8 @@ def test_seed_sets_the_initial_weights_and_the_pair_order():
 def phantom_nifti(tmp_path_factory) -> Path:
     """Phantom pairs written as NIfTI files by the repository's tool (its main, in this process)."""
     out = tmp_path_factory.mktemp("phantom_nifti")
+    if str(REPO / "scripts") not in sys.path:  # as running the tool does: it imports its helper _bundle.py from there
+        sys.path.append(str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location("make_phantom_nifti", REPO / "scripts" / "make_phantom_nifti.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -353,7 +355,7 @@ def test_cli_evaluate_writes_metric_csvs(cli_training):
     out = root / "evaluation"
     result = run_cli(
         "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--image_size", "[64,64]",
-        "--num_test_pairs", "4", "--ckpt_dir", str(root / "models"), "--output_dir", str(out),
+        "--num_test_pairs", "4", "--ckpt_path", str(root / "models" / "model.pt"), "--output_dir", str(out),
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     metrics = {row[0]: float(row[1]) for row in read_csv(out / "metrics.csv")}

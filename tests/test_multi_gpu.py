@@ -208,3 +208,56 @@ def test_ddp_with_the_reference_gradient_leak_matches_single_process(single: tup
     without_leak = single[1]["final"]["displacement"]
     changed = max(float((runs["single"]["final"]["displacement"][k] - v).abs().max()) for k, v in without_leak.items())
     assert changed > 100 * ATOL_WEIGHT, "the leak did not change the displacement network: the option had no effect"
+
+
+# ---- which handlers run on a rank > 0 (no process group: the config alone, rank given) ----------------------------
+# Every rank validates its share and stops together on a non-finite loss; everything else (console, progress bar,
+# TensorBoard, checkpoints) is rank 0's. A handler added to train.yaml fails this test until multi_gpu_train.yaml
+# switches it off by name on ranks > 0 (train#handler#<name>#_disabled_) or it is added here because every rank
+# must run it.
+EVERY_RANK_TRAIN_HANDLERS = ["ValidationHandler", "NonFiniteGuard"]
+EVERY_RANK_VALIDATE_HANDLERS: list[str] = []
+
+
+def handler_classes(tmp: Path, files: list[str], rank0: bool | None) -> tuple[list[str], list[str]]:
+    """Class names of the handlers the trainer and the evaluator attach, as built from ``files``; with the
+    multi-GPU override ``rank0`` says which rank (the networks are left unwrapped: DDP needs a process group)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / name) for name in files])
+    parser.update({"bundle_root": str(BUNDLE), "ckpt_dir": str(tmp / "models"), "output_dir": str(tmp / "eval"),
+                   "image_size": [32, 32], "num_train_pairs": 2, "num_val_pairs": 2, "device": "$torch.device('cpu')"})
+    if rank0 is not None:
+        parser.update({"is_rank0": rank0, "network": "$@network_def.to(@device)",
+                       "scoring_network": "$@scoring_network_def.to(@device)", "validate#dataloader#sampler": None})
+    parser.parse()
+    train = [type(h).__name__ for h in parser.get_parsed_content("train#handlers")]
+    validate = [type(h).__name__ for h in parser.get_parsed_content("validate#handlers")]
+    return train, validate
+
+
+def test_rank_0_alone_runs_the_logging_and_saving_handlers(tmp_path: Path) -> None:
+    single = handler_classes(tmp_path / "single", ["train.yaml"], None)
+    rank0 = handler_classes(tmp_path / "rank0", ["train.yaml", "multi_gpu_train.yaml"], True)
+    rank1 = handler_classes(tmp_path / "rank1", ["train.yaml", "multi_gpu_train.yaml"], False)
+    assert rank0 == single, "the multi-GPU override must keep every handler of train.yaml on rank 0"
+    assert rank1 == (EVERY_RANK_TRAIN_HANDLERS, EVERY_RANK_VALIDATE_HANDLERS), (
+        f"handlers active on rank 1: train {rank1[0]}, validate {rank1[1]}; expected {EVERY_RANK_TRAIN_HANDLERS}, "
+        f"{EVERY_RANK_VALIDATE_HANDLERS}: switch a new handler off by name in multi_gpu_train.yaml"
+    )
+    assert not list((tmp_path / "rank1").glob("eval/events.out.tfevents.*")), "rank 1 built a TensorBoard handler"
+
+
+def test_every_named_handler_is_attached_once() -> None:
+    """train.yaml names its handlers (train#handler, validate#handler) and lists them (train#handlers,
+    validate#handlers): a handler named but not listed would silently not run, one listed twice would run twice."""
+    import re
+
+    import yaml
+
+    config = yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())
+    for section in ("train", "validate"):
+        listed = re.findall(rf"[%@]{section}#handler#(\w+)", str(config[section]["handlers"]))
+        assert sorted(listed) == sorted(config[section]["handler"]), (section, listed)
+        assert len(set(listed)) == len(listed), (section, listed)

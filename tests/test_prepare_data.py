@@ -16,6 +16,9 @@ from conftest import load_repo_script  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOOLS = str(REPO / "scripts")
+if TOOLS not in sys.path:  # as running a tool does: its helpers (_bundle.py, _prep_common.py) import from there
+    sys.path.append(TOOLS)
 
 
 _load = load_repo_script

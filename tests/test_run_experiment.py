@@ -1,14 +1,15 @@
-"""scripts/run_experiment.py: the commands are the documented recipe, a tiny two-seed experiment runs end to end
-(train, branch, compare, pool) and resumes without retraining, a failed seed is reported while the others finish."""
+"""scripts/run_experiment.py: the commands follow the schedule files (bundle/configs/schedule_*.yaml) and are the recipe
+of the shipped weights, a tiny two-seed experiment runs end to end (train, branch, compare, pool) and resumes without
+retraining, a failed seed is reported while the others finish."""
 
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import BUNDLE, REPO, load_repo_script, write_ring_pairs
 
@@ -30,47 +31,97 @@ def _options(command: list[str]) -> dict[str, str]:
     return {command[i][2:]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
 
 
-def _documented_steps(dataset: str) -> list[dict[str, str]]:
-    """The CPU-recipe commands written in the header comment of configs/<dataset>.yaml (lines joined at '\\')."""
-    lines = [line.lstrip("#").strip() for line in (BUNDLE / "configs" / f"{dataset}.yaml").read_text().splitlines()
-             if line.startswith("#")]
-    steps, current = [], None
-    for line in lines:
-        if current is None and line.startswith("OMP_NUM_THREADS=1 python -m monai.bundle run"):
-            current = ""
-        if current is not None:
-            current += " " + line.rstrip("\\")
-            if not line.endswith("\\"):
-                steps.append(_options(shlex.split(current)))
-                current = None
-    return steps
-
-
-def _float_or_str(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
+# The CPU recipe of the shipped weights (docs/reports/shipped_weights.md), as the commands pass it: the schedule file must
+# keep giving these (a deliberate change of schedule changes this test too).
+CPU_BASELINE = {"use_scoring": "false", "epochs": "30", "motion_warmup_epochs": "30", "scoring_warmup_epochs": "0",
+                "learning_rate": "0.001", "scoring_learning_rate": "0.0001", "keep_checkpoints": "null", "seed": "3"}
+CPU_ADACS = {"epochs": "31", "motion_warmup_epochs": "20", "scoring_warmup_epochs": "1", "learning_rate": "0.001",
+             "scoring_learning_rate": "0.0001", "seed": "3"}
 
 
 @pytest.mark.parametrize("dataset, alpha", [("acdc", "0.01"), ("camus", "0.04")])
-def test_cpu_schedule_is_the_documented_recipe(prepared: Path, tmp_path: Path, dataset: str, alpha: str):
+def test_cpu_schedule_is_the_recipe_of_the_shipped_weights(prepared: Path, tmp_path: Path, dataset: str, alpha: str):
     parser_args = _args(prepared, tmp_path / "exp")
     parser_args[1] = dataset
     args = experiment.parse_args(parser_args)
     plan = experiment.make_plan(args)
     vxm_dir, adacs_dir = tmp_path / "vxm", tmp_path / "adacs"
-    generated = [_options(experiment.baseline_command(plan, vxm_dir, 3)),
-                 _options(experiment.adacs_command(plan, adacs_dir, 3, vxm_dir))]
-    documented = _documented_steps(dataset)
-    assert len(documented) == 2, documented
-    for doc, gen in zip(documented, generated):
-        for key, value in doc.items():
-            if "<" in value:  # placeholders such as <vxm>/models
-                continue
-            assert key in gen and _float_or_str(gen[key]) == _float_or_str(value), (key, value, gen.get(key))
+    vxm = experiment.baseline_command(plan, vxm_dir, 3)
+    adacs = experiment.adacs_command(plan, adacs_dir, 3, vxm_dir)
+    assert vxm[vxm.index("--config_file") + 1] == f"['configs/train.yaml','configs/{dataset}.yaml']"
+    generated = [_options(vxm), _options(adacs)]
+    for expected, gen in zip((CPU_BASELINE, {**CPU_ADACS, "alpha": alpha}), generated):
+        assert {key: gen.get(key) for key in expected} == expected
+    assert "resume_checkpoint" not in generated[0] and "alpha" not in generated[0]
     assert generated[1]["resume_checkpoint"].endswith("vxm/models/checkpoint_epoch=20.pt")
-    assert generated[1]["alpha"] == alpha and generated[0]["seed"] == generated[1]["seed"] == "3"
+    assert generated[0]["output_dir"] == str((vxm_dir / "eval").resolve())
+
+
+def write_schedule(bundle: Path, name: str, text: str) -> Path:
+    """A bundle folder with the repository's dataset configs and one schedule file."""
+    (bundle / "configs").mkdir(parents=True, exist_ok=True)
+    for dataset in ("acdc", "camus"):
+        (bundle / "configs" / f"{dataset}.yaml").write_text((BUNDLE / "configs" / f"{dataset}.yaml").read_text())
+    (bundle / "configs" / f"schedule_{name}.yaml").write_text(text)
+    return bundle
+
+
+def test_the_schedule_file_is_what_the_commands_train_with(prepared: Path, tmp_path: Path):
+    bundle = write_schedule(tmp_path / "bundle", "cpu", "motion_warmup_epochs: 3\nscoring_warmup_epochs: 2\n"
+                            "joint_epochs: 5\nlearning_rate: 0.002\nscoring_learning_rate: 0.0003\nalpha: {camus: 0.5}\n")
+    for dataset, alpha in (("acdc", None), ("camus", "0.5")):
+        argv = ["--dataset", dataset, "--dataset-dir", str(prepared), "--out", str(tmp_path / "exp"), "--bundle", str(bundle)]
+        plan = experiment.make_plan(experiment.parse_args(argv))
+        vxm = _options(experiment.baseline_command(plan, tmp_path / "v", 0))
+        adacs = _options(experiment.adacs_command(plan, tmp_path / "a", 0, tmp_path / "v"))
+        assert (vxm["epochs"], vxm["motion_warmup_epochs"], vxm["learning_rate"], vxm["scoring_learning_rate"]) == (
+            "8", "8", "0.002", "0.0003")
+        assert (adacs["epochs"], adacs["motion_warmup_epochs"], adacs["scoring_warmup_epochs"]) == ("10", "3", "2")
+        assert adacs["resume_checkpoint"].endswith("checkpoint_epoch=3.pt") and adacs.get("alpha") == alpha
+    # the command line still overrides the file
+    argv += ["--joint", "1", "--lr", "0.01", "--alpha", "0.2"]
+    adacs = _options(experiment.adacs_command(experiment.make_plan(experiment.parse_args(argv)), tmp_path / "a", 0,
+                                              tmp_path / "v"))
+    assert (adacs["epochs"], adacs["learning_rate"], adacs["alpha"]) == ("6", "0.01", "0.2")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("motion_warmup_epochs: 20\nscoring_warmup_epochs: 1\njoint_epochs: 10\nlearning_rate: 1e-3\n"
+     "scoring_learning_rate: 0.0001\n", r"learning_rate is '1e-3', not a positive number"),
+    ("motion_warmup_epochs: 2.5\nscoring_warmup_epochs: 1\njoint_epochs: 10\nlearning_rate: 0.001\n"
+     "scoring_learning_rate: 0.0001\nepoch_length: 5\n", r"unknown key 'epoch_length'; motion_warmup_epochs is 2\.5"),
+    ("scoring_warmup_epochs: 1\njoint_epochs: 10\nlearning_rate: 0.001\nscoring_learning_rate: 0.0001\nalpha: 0.02\n",
+     r"motion_warmup_epochs is None.*alpha is 0\.02, not a mapping"),
+])
+def test_a_broken_schedule_file_is_named(prepared: Path, tmp_path: Path, text: str, message: str):
+    bundle = write_schedule(tmp_path / "bundle", "cpu", text)
+    argv = _args(prepared, tmp_path / "exp", "--bundle", str(bundle))
+    with pytest.raises(SystemExit, match=rf"schedule_cpu\.yaml: .*{message}"):
+        experiment.make_plan(experiment.parse_args(argv))
+
+
+@pytest.mark.parametrize("dataset", ["acdc", "camus"])
+def test_the_dataset_configs_hold_the_paper_schedule(dataset: str):
+    """configs/<dataset>.yaml trains the paper's schedule by itself: its values are schedule_paper.yaml's."""
+    paper = experiment.load_schedule(BUNDLE / "configs" / "schedule_paper.yaml")
+    config = yaml.safe_load((BUNDLE / "configs" / f"{dataset}.yaml").read_text())
+    assert config["epochs"] == sum(paper[key] for key in experiment.SCHEDULE_EPOCHS)
+    for key in ("motion_warmup_epochs", "scoring_warmup_epochs", "learning_rate", "scoring_learning_rate"):
+        assert config[key] == paper[key], key
+    assert paper["alpha"] == {}  # the paper's alpha is the dataset config's
+
+
+def test_dry_run_prints_the_commands_and_runs_nothing(prepared: Path, tmp_path: Path, capsys):
+    out = tmp_path / "exp"
+    assert experiment.main(_args(prepared, out, "--seeds", "0", "2", "--threads", "1", "--dry-run")) == 0
+    printed = capsys.readouterr().out
+    plan = experiment.make_plan(experiment.parse_args(_args(prepared, out, "--threads", "1")))
+    for seed in (0, 2):
+        vxm = out / f"seed{seed}" / "vxm"
+        for command in (experiment.baseline_command(plan, vxm, seed),
+                        experiment.adacs_command(plan, out / f"seed{seed}" / "adacs", seed, vxm)):
+            assert experiment.shell_script(plan, command) in printed  # what cmd.sh would hold
+    assert printed.count("OMP_NUM_THREADS=1 ") == 4 and not out.exists()
 
 
 def test_paper_schedule_gives_equal_displacement_epochs(prepared: Path, tmp_path: Path):

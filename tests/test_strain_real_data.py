@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +15,10 @@ import pytest
 from scipy import stats
 
 from conftest import load_repo_script, ring_label, shared_data
+
+TOOLS = str(Path(__file__).resolve().parents[1] / "scripts")
+if TOOLS not in sys.path:  # as running a tool does: its helpers (_bundle.py, _prep_common.py) import from there
+    sys.path.append(TOOLS)
 
 real = load_repo_script("strain_real_data")
 

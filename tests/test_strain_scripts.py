@@ -6,12 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import load_repo_script
+
+TOOLS = str(Path(__file__).resolve().parents[1] / "scripts")
+if TOOLS not in sys.path:  # as running a tool does: its helpers (_bundle.py, _prep_common.py) import from there
+    sys.path.append(TOOLS)
 
 phantom_eval = load_repo_script("strain_phantom_eval")
 bench = load_repo_script("benchmark_strain")
