@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 CHECKER = r'''
@@ -187,3 +189,17 @@ def test_evaluate_config_names_the_shipped_weights() -> None:
     assert ckpt == REPO / "bundle" / "models" / "model.pt" and ckpt.is_file()
     loader = parser.get("validate#handlers")[0]
     assert loader["load_path"] == "@ckpt_path"
+
+
+@pytest.mark.parametrize("configs", ["bundle/configs/train.yaml", "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']",
+                                     "bundle/configs/strain.yaml"], ids=["train", "evaluate", "strain"])
+def test_a_bundle_config_run_from_the_root_says_where_to_run_it(configs: str, tmp_path: Path) -> None:
+    """Issue 31 item 1: from the repository root these ended in "Cannot locate ... scripts.registration_io" tracebacks."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--output_dir",
+                             str(tmp_path / "out"), "--dataset_dir", str(tmp_path / "none")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the bundle package scripts is not importable from {REPO}: run bundle commands from the bundle folder "
+        "(cd bundle), or elsewhere with PYTHONPATH=<bundle folder> and --bundle_root <bundle folder>.")

@@ -130,3 +130,23 @@ def test_bad_settings_are_named():
         InstanceRefiner(steps=5, score_weighted=True, scoring_network=None)
     with pytest.raises(ValueError, match="similarity must be one of"):
         InstanceRefiner(similarity="ncc")
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_evaluation_config_refines_only_when_asked(steps, tmp_path):
+    """evaluate.yaml: refine_steps 0 (default) leaves the evaluator as it was; > 0 refines with the shipped scoring."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / "configs/evaluate.yaml")], workflow_type="train",
+        bundle_root=str(BUNDLE), logging_file=False, output_dir=str(tmp_path), num_test_pairs=2,
+        image_size=[64, 64], refine_steps=steps,
+    )
+    workflow.initialize()
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert (evaluator.refiner is None) == (steps == 0)
+    if steps:
+        assert evaluator.refiner.steps == 3 and evaluator.refiner.scoring_network is not None
+        assert evaluator.refiner.lam == workflow.parser.get_parsed_content("lam")
+    evaluator.run()
+    assert 0 < evaluator.state.metrics["val_mean_dice"] <= 1
