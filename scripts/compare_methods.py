@@ -7,7 +7,11 @@ Methods, all on the same pairs (the ``testing`` section of a prepared dataset by
   baseline), fixed = ES, moving = ED, field from transformix (cached in ``elastix_ddf.npz``);
 * **VoxelMorph-MSE**: the bundle's displacement network trained with ``use_scoring false``;
 * **AdaCS**: the bundle's displacement network trained with scoring;
-* any further displacement network given as ``--model NAME=model.pt`` (an ablation or a control), one row each.
+* any further displacement network given as ``--model NAME=model.pt`` (an ablation or a control), one row each;
+* with ``--refine-steps N [N ...]``: test-time refinement of one of these networks (``--refine-model``, AdaCS by
+  default) per pair (``bundle/scripts/refinement.py``), plain and score-weighted (the scoring network
+  ``--refine-scoring``, default ``--adacs-scoring``), one row per step count and mode, and ``refinement.md``: paired
+  t-tests of per-slice Dice between the network alone, plain and score-weighted refinement.
 
 Protocol (``bundle/scripts/paper_metrics.py``): myocardium only (``--label``, 2 for ACDC and CAMUS), the ED label
 warped bilinearly as a binary mask, foreground where > 0; per-slice Dice x100, symmetric max HD, ASD from the
@@ -49,6 +53,7 @@ import_bundle()
 from scripts.data import DatasetError, pair_datalist  # noqa: E402
 from scripts.evaluator import warp_labels  # noqa: E402
 from scripts.paper_metrics import PAPER_METRICS, paired_ttest, slice_metrics  # noqa: E402
+from scripts.refinement import InstanceRefiner  # noqa: E402
 
 METHODS = ("Undeformed", "Elastix", "VoxelMorph-MSE", "AdaCS")
 
@@ -148,6 +153,29 @@ def elastix_method(cache_path: Path, threads: int) -> Callable[[dict], torch.Ten
     return run
 
 
+def refined_method(network: torch.nn.Module, refiner: InstanceRefiner) -> Callable[[dict], torch.Tensor]:
+    """pair -> ddf (2, H, W): the network's field refined for the pair (one pair per call, as timed)."""
+
+    def run(pair: dict) -> torch.Tensor:
+        return refiner(network, torch.cat([pair["moving"], pair["fixed"]])[None]).ddf[0]
+
+    return run
+
+
+def all_labels_dice(pair: dict, ddf: torch.Tensor, labels: Sequence[int] = (1, 2, 3)) -> float:
+    """Mean Dice x100 over ``labels`` present in both frames, each ED label warped as the protocol warps the
+    myocardium (binary, bilinear, > 0): the all-labels companion of the paper's myocardium Dice."""
+    scores = []
+    for value in labels:
+        fixed = (pair["fixed_label"][0] == value).numpy()
+        moving = (pair["moving_label"] == value).long()[None]
+        if not fixed.any() or not moving.any():
+            continue
+        warped = warp_labels(moving, ddf[None], 2, "binary_bilinear")[0, 1].numpy() > 0
+        scores.append(200.0 * np.logical_and(warped, fixed).sum() / (warped.sum() + fixed.sum()))
+    return float(np.mean(scores)) if scores else math.nan
+
+
 def evaluate(pairs: list[dict], methods: dict[str, Callable], label: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Per-slice rows (method, case, patient, metrics, seconds) and the fields of every method."""
     rows, fields = [], {}
@@ -163,9 +191,36 @@ def evaluate(pairs: list[dict], methods: dict[str, Callable], label: int) -> tup
             moving_fg = (pair["moving_label"] == label).long()[None]
             warped = warp_labels(moving_fg, ddf[None], 2, "binary_bilinear")[0, 1].numpy() > 0
             metrics = slice_metrics(warped, (pair["fixed_label"][0] == label).numpy(), ddf)
-            rows.append({"method": name, "case": pair["case"], "patient": pair["patient"], **metrics, "seconds": seconds})
+            rows.append({"method": name, "case": pair["case"], "patient": pair["patient"], **metrics,
+                         "dice_all_labels": all_labels_dice(pair, ddf), "seconds": seconds})
         print(f"{name}: {len(pairs)} pairs done", flush=True)
     return rows, fields
+
+
+def write_refinement_tests(rows: list[dict], network: str, refined: Sequence[tuple[int, bool, str]], out: Path,
+                           title: str) -> None:
+    """refinement.md: per step count, paired t-tests of per-slice Dice (myocardium, and all labels) between the
+    network alone, plain and score-weighted refinement, over the slices valid for both."""
+    by_method: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {})[r["case"]] = r
+    lines = [f"### Test-time refinement of {network}: paired t-tests, {title}", "",
+             "| steps | comparison | metric | mean difference (points) | t | p | n |", "|---|---|---|---|---|---|---|"]
+    for steps in sorted({s for s, _, _ in refined}):
+        plain = next(n for s, w, n in refined if s == steps and not w)
+        weighted = next(n for s, w, n in refined if s == steps and w)
+        for a, b in ((weighted, plain), (weighted, network), (plain, network)):
+            for metric in ("dice", "dice_all_labels"):
+                common = [c for c in sorted(set(by_method[a]) & set(by_method[b]))
+                          if math.isfinite(by_method[a][c][metric]) and math.isfinite(by_method[b][c][metric])]
+                x = [by_method[a][c][metric] for c in common]
+                y = [by_method[b][c][metric] for c in common]
+                test = paired_ttest(x, y)
+                diff = float(np.mean(np.asarray(x) - np.asarray(y))) if common else math.nan
+                short = {weighted: "score-weighted", plain: "plain", network: "network alone"}
+                lines.append(f"| {steps} | {short[a]} vs {short[b]} | {metric} | {diff:+.2f} | {test['t']:.2f} | "
+                             f"{test['p']:.2g} | {test['n']} |")
+    (out / "refinement.md").write_text("\n".join(lines) + "\n")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -185,8 +240,8 @@ def summarise(rows: list[dict], train_times: dict[str, str], reference: str = "V
     for method in methods:
         cases = by_method[method]
         entry = {"method": method}
-        for metric in PAPER_METRICS:
-            mean, std, n = _mean_std([r[metric] for r in cases.values()])
+        for metric in (*PAPER_METRICS, "dice_all_labels"):
+            mean, std, n = _mean_std([r.get(metric, math.nan) for r in cases.values()])
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
             if metric == "dice":
                 entry["n_slices"] = n
@@ -243,18 +298,20 @@ def write_tables(table: list[dict], rows: list[dict], out: Path, title: str, ref
         writer.writerows(rows)
     lines = [
         f"### {title}", "",
-        "| Method | Dice (%) | HD (px) | ASD (px) | Folding (%) | slices (dropped) | training time | s / pair (inference) | p vs " + reference + " |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Method | Dice (%) | HD (px) | ASD (px) | Folding (%) | slices (dropped) | training time | s / pair (inference) | p vs " + reference + " | Dice all labels (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in table:
         p = e.get("p_vs_" + reference, math.nan)
         lines.append(
             f"| {e['method']} | {_fmt(e['dice_mean'])} ± {_fmt(e['dice_std'])} | {_fmt(e['hd_mean'])} ± {_fmt(e['hd_std'])} | "
             f"{_fmt(e['asd_mean'])} ± {_fmt(e['asd_std'])} | {_fmt(e['folding_mean'], 3)} | {e['n_slices']} ({e['dropped_slices']}) | "
-            f"{e['training_time']} | {_fmt(e['seconds_per_pair'], 3)} | {'' if not math.isfinite(p) else f'{p:.2g}'} |"
+            f"{e['training_time']} | {_fmt(e['seconds_per_pair'], 3)} | {'' if not math.isfinite(p) else f'{p:.2g}'} | "
+            f"{_fmt(e.get('dice_all_labels_mean', math.nan))} ± {_fmt(e.get('dice_all_labels_std', math.nan))} |"
         )
     lines += ["", "Myocardium only, per 2D slice at 128x128, paper protocol (bundle/scripts/paper_metrics.py); "
-              "± is the standard deviation over slices; p: paired t-test of per-slice Dice (scipy.stats.ttest_rel)."]
+              "± is the standard deviation over slices; p: paired t-test of per-slice Dice (scipy.stats.ttest_rel). "
+              "Dice all labels: mean over the labels 1-3 present in both frames, each warped as the myocardium."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -380,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-cases", type=int, default=None, help="first N pairs only (quick checks)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--refine-steps", type=int, nargs="*", default=[],
+                        help="test-time refinement rows: Adam steps per pair (e.g. 10 50 200), plain and score-weighted")
+    parser.add_argument("--refine-model", default="AdaCS", help="the network row refined (AdaCS, VoxelMorph-MSE or a --model NAME)")
+    parser.add_argument("--refine-scoring", default=None, help="scoring network of the weighted refinement (default --adacs-scoring)")
+    parser.add_argument("--refine-similarity", default="mse", choices=("mse", "lncc"))
+    parser.add_argument("--refine-learning-rate", type=float, default=0.1)
+    parser.add_argument("--refine-max-folding", type=float, default=0.5, help="per-pair folding limit, %%")
     args = parser.parse_args(argv)
 
     try:
@@ -402,14 +466,37 @@ def main(argv: list[str] | None = None) -> int:
     train_times = {"Undeformed": "none", "Elastix": "none (per-pair optimisation)"}
     networks = [("VoxelMorph-MSE", args.vxm, args.vxm_train_time), ("AdaCS", args.adacs, args.adacs_train_time),
                 *((name, path, "n/a") for name, path in extra_models.items())]
+    loaded = {}
     for name, path, train_time in networks:
         if path:
-            methods[name] = network_method(load_network(path))
+            loaded[name] = load_network(path)
+            methods[name] = network_method(loaded[name])
             train_times[name] = train_time
+    refined_rows = []
+    if args.refine_steps:
+        if args.refine_model not in loaded:
+            print(f"error: --refine-model {args.refine_model}: no such network row", file=sys.stderr)
+            return 2
+        scoring_path = args.refine_scoring or args.adacs_scoring
+        if not scoring_path:
+            print("error: score-weighted refinement needs --refine-scoring (or --adacs-scoring)", file=sys.stderr)
+            return 2
+        refine_scoring = load_network(scoring_path, scoring=True, score_headroom=args.score_headroom)
+        for steps in args.refine_steps:
+            for weighted in (False, True):
+                name = f"{args.refine_model} + {'score-weighted' if weighted else 'plain'} refinement ({steps})"
+                refiner = InstanceRefiner(steps, args.refine_learning_rate, similarity=args.refine_similarity,
+                                          score_weighted=weighted, scoring_network=refine_scoring,
+                                          max_folding_pct=args.refine_max_folding)
+                methods[name] = refined_method(loaded[args.refine_model], refiner)
+                train_times[name] = train_times[args.refine_model]
+                refined_rows.append((steps, weighted, name))
     rows, fields = evaluate(pairs, methods, args.label)
-    table = summarise(rows, train_times, candidate=["AdaCS", *extra_models])
+    table = summarise(rows, train_times, candidate=["AdaCS", *extra_models, *(n for _, _, n in refined_rows)])
     title = args.title or f"{Path(args.dataset_dir).name}, section '{args.section}', {len(pairs)} pairs"
     write_tables(table, rows, args.out, title)
+    if refined_rows:
+        write_refinement_tests(rows, args.refine_model, refined_rows, args.out, title)
     scoring = None
     if args.adacs_scoring:
         scoring = load_network(args.adacs_scoring, scoring=True, score_headroom=args.score_headroom)

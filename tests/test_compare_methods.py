@@ -193,3 +193,25 @@ def test_score_headroom_reaches_the_score_table(dataset: Path, tmp_path: Path):
             means[headroom] = {int(r["label"]): float(r["score_mean"]) for r in csv.DictReader(handle)}
     for label, mean in means[0.0].items():
         assert means[0.5][label] == pytest.approx(1.5 * mean, rel=1e-4)
+
+
+def test_refinement_rows_and_their_paired_tests(dataset: Path, tmp_path: Path, capsys):
+    """Issue 29: --refine-steps adds plain and score-weighted rows of the refined network, and refinement.md."""
+    _, adacs, score = _networks(tmp_path)
+    out = tmp_path / "cmp"
+    code = compare.main(["--dataset-dir", str(dataset), "--out", str(out), "--no-elastix", "--image-size", "32",
+                         "--no-figures", "--adacs", adacs, "--adacs-scoring", score, "--refine-steps", "0", "3"])
+    assert code == 0
+    with (out / "results.csv").open() as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    assert list(table) == ["Undeformed", "AdaCS", "AdaCS + plain refinement (0)", "AdaCS + score-weighted refinement (0)",
+                           "AdaCS + plain refinement (3)", "AdaCS + score-weighted refinement (3)"]
+    for mode in ("plain", "score-weighted"):  # 0 steps: the network's field, the same row
+        assert table[f"AdaCS + {mode} refinement (0)"]["dice_mean"] == table["AdaCS"]["dice_mean"]
+    assert table["AdaCS + plain refinement (3)"]["dice_mean"] != table["AdaCS"]["dice_mean"]
+    assert float(table["AdaCS"]["dice_all_labels_mean"]) > 0
+    tests = (out / "refinement.md").read_text()
+    assert "| 3 | score-weighted vs plain | dice |" in tests and "| 3 | plain vs network alone | dice_all_labels |" in tests
+    assert compare.main(["--dataset-dir", str(dataset), "--out", str(out), "--adacs", adacs,
+                         "--refine-steps", "3"]) == 2
+    assert "needs --refine-scoring" in capsys.readouterr().err
