@@ -148,7 +148,8 @@ def initial_weights_and_pair_order(seed: int) -> tuple[torch.Tensor, list[int]]:
     parser.read_config(TRAIN)
     parser.update({**TINY, "num_train_pairs": 16, "epoch_length": 8, "seed": seed})
     parser.parse()
-    parser.get_parsed_content("initialize#0")  # set_determinism, the workflow's first step
+    step = next(i for i, item in enumerate(parser["initialize"]) if "set_determinism" in str(item))
+    parser.get_parsed_content(f"initialize#{step}")  # set_determinism, the workflow's first real step
     weights = next(parser.get_parsed_content("network").parameters()).detach().clone()
     return weights, list(parser.get_parsed_content("train#sampler"))
 
