@@ -34,11 +34,11 @@ from _bundle import BUNDLE, import_bundle
 
 import_bundle()
 from scripts.evaluator import one_hot  # noqa: E402
-from scripts.metrics import folding_percentage  # noqa: E402
+from scripts.metrics import dice_scores, folding_percentage  # noqa: E402
 from scripts.networks import DiffeomorphicVoxelMorph  # noqa: E402
 from scripts.phantom import cardiac_phantom_pair  # noqa: E402
 from scripts.registration_io import (  # noqa: E402
-    PairRegistration, dice_scores, itk_displacement_field, voxel_ddf_array,
+    PairRegistration, itk_displacement_field, voxel_ddf_array,
 )
 
 

@@ -5,7 +5,7 @@
 
 Each dataset is converted to temporary NIfTI pairs by the bundle's naming rule (``<case>_ED/_ES[_gt].nii.gz``, in a
 temporary folder that is deleted afterwards, never in the repository), registered by
-``scripts.registration_io.PairRegistrationRunner`` (exactly what ``configs/inference.yaml`` runs) and summarised:
+``scripts.inference_engine.register_folder`` (``configs/inference.yaml``, run in-process) and summarised:
 
 * CAMUS (``camus/``, echo, 2D 224 x 224 ``.npy``, nibabel (x, y) axes, spacing unknown -> 1 mm; labels
   ``np.rint``: 1 LV cavity, 2 myocardium, 3 left atrium); uses ``--ckpt-echo`` when that file exists;
@@ -35,7 +35,7 @@ from _bundle import BUNDLE, REPO, import_bundle
 
 import_bundle()
 from scripts.networks import DiffeomorphicVoxelMorph  # noqa: E402
-from scripts.registration_io import PairDataset, PairRegistrationRunner  # noqa: E402
+from scripts.inference_engine import register_folder  # noqa: E402
 
 STRUCTURES = {
     "camus": {1: "LV", 2: "MYO", 3: "LA"},
@@ -132,9 +132,7 @@ def evaluate(dataset: str, data_root: Path, ckpt: Path, work: Path, max_pairs: i
     pairs = work / dataset / "pairs"
     pairs.mkdir(parents=True)
     CONVERTERS[dataset](data_root / dataset, pairs, max_pairs)
-    runner = PairRegistrationRunner(PairDataset(str(pairs)), _network(ckpt), work / dataset / "out", None,
-                                    write_itk=False, exit_on_failure=False, progress=False)
-    return runner.run()
+    return register_folder(pairs, work / dataset / "out", _network(ckpt), write_itk=False, exit_on_failure=False)
 
 
 def _per_class(text: str) -> dict[int, float]:

@@ -1,4 +1,4 @@
-"""Issue 27, inference side: registration inference (configs/inference.yaml, scripts/registration_io.py) and the
+"""Issue 27, inference side: registration inference (configs/inference.yaml, scripts/inference_engine.py) and the
 strain workflow (configs/strain.yaml, scripts/strain_workflow.py, strain_io.py) under faults and hostile input.
 
 The corpus, each case asserting the exit status, a message naming the file and the problem, that the good cases'
@@ -39,12 +39,11 @@ import torch
 
 from conftest import BUNDLE
 
+from scripts.inference_engine import OUTPUT_SUFFIXES, register_folder
 from scripts.io_safety import TMP_PATTERN, assign_case_names
 from scripts.networks import DiffeomorphicVoxelMorph, ScoringNet, ZeroDisplacement
 from scripts.phantom import cardiac_phantom_pair
-from scripts.registration_io import (
-    OUTPUT_SUFFIXES, PairDataset, PairRegistration, PairRegistrationRunner, collect_pairs,
-)
+from scripts.registration_io import PairRegistration, collect_pairs
 from scripts.strain_workflow import StrainWorkflow
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,11 +115,10 @@ def check_good_outputs(out: Path, row: dict[str, str], moving: Path) -> None:
 
 
 def run_inference(data: Path | None, out: Path, datalist: Path | None = None, network=None, ckpt=None, **kwargs):
-    """In-process inference; returns (exit code or None, message, rows of summary.csv or {})."""
-    runner = PairRegistrationRunner(PairDataset(str(data) if data else None, str(datalist) if datalist else None),
-                                    network if network is not None else ZeroDisplacement(), out, ckpt,
-                                    progress=False, **kwargs)
-    return _outcome(runner.run, out / "summary.csv")
+    """In-process inference (configs/inference.yaml); returns (exit code or None, message, rows of summary.csv or {})."""
+    network = network if network is not None else ZeroDisplacement()
+    run = lambda: register_folder(data, out, network, ckpt, datalist, **kwargs)  # noqa: E731
+    return _outcome(run, out / "summary.csv")
 
 
 def run_strain(data: Path | None, out: Path, network, datalist: Path | None = None, ckpt=None, **kwargs):
@@ -441,8 +439,7 @@ def test_default_output_folders_are_beside_the_inputs_not_in_the_bundle(tmp_path
         assert parser.get_parsed_content("output_dir") is None, config
     data = tmp_path / "data"
     write_pair(data, "a", 0)
-    runner = PairRegistrationRunner(PairDataset(str(data)), ZeroDisplacement(), None, progress=False, write_itk="false")
-    runner.run()
+    register_folder(data, None, ZeroDisplacement(), write_itk="false")
     assert (tmp_path / "data_registered" / "summary.csv").is_file()
     assert (tmp_path / "data_registered" / "a_warped.nii.gz").is_file()
     workflow = StrainWorkflow(str(data), strain_network, None, figures=False, progress=False)
@@ -453,7 +450,7 @@ def test_default_output_folders_are_beside_the_inputs_not_in_the_bundle(tmp_path
     datalist = tmp_path / "list.json"  # absolute paths, no dataset_dir: nowhere to put the default folder
     datalist.write_text(json.dumps({"testing": [{"moving": str(data / "a_ED.nii.gz"), "fixed": str(data / "a_ES.nii.gz")}]}))
     with pytest.raises(SystemExit, match="no output folder: set --output_dir"):
-        PairRegistrationRunner(PairDataset(None, str(datalist)), ZeroDisplacement(), None).run()
+        register_folder(None, None, ZeroDisplacement(), datalist=datalist)
 
 
 def test_ambiguous_files_and_collect_pairs_errors(tmp_path):

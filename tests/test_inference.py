@@ -1,4 +1,4 @@
-"""Inference on a folder of NIfTI pairs (configs/inference.yaml, scripts/registration_io.py).
+"""Inference on a folder of NIfTI pairs (configs/inference.yaml: scripts/inference_engine.py, registration_io.py).
 
 Checks geometry (affines read back with nibabel), the ITK displacement field applied by ITK itself, native-size
 mapping of the field, 2D / one-slice / 3D-stack inputs, the summary CSV, faults reported per case with a
@@ -23,10 +23,10 @@ from scipy.spatial.transform import Rotation
 
 from conftest import BUNDLE, REPO
 
+from scripts.inference_engine import register_folder
+from scripts.io_safety import atomic_write
 from scripts.networks import DiffeomorphicVoxelMorph, ScoringNet, ZeroDisplacement
-from scripts.registration_io import (
-    PairDataset, PairRegistrationRunner, atomic_write, collect_pairs, itk_field_extension, load_pair, resize_ddf,
-)
+from scripts.registration_io import collect_pairs, itk_field_extension, load_pair, resize_ddf
 
 itk = pytest.importorskip("itk")
 
@@ -90,8 +90,8 @@ def _write_pair(folder: Path, case: str, shape: tuple[int, ...], affine: np.ndar
 
 
 def _run(folder: Path, out: Path, network: torch.nn.Module, **kwargs) -> list[dict]:
-    runner = PairRegistrationRunner(PairDataset(str(folder)), network, out, None, progress=False, **kwargs)
-    return runner.run()
+    """configs/inference.yaml in-process with ``network`` (no weights file); the summary rows."""
+    return register_folder(folder, out, network, **kwargs)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -264,9 +264,7 @@ def test_datalist_json(tmp_path: Path) -> None:
                                                  "moving_label": "a_ED_gt.nii.gz", "fixed_label": "a_ES_gt.nii.gz"}]}))
     items = collect_pairs(str(data), str(datalist))
     assert items[0]["case"] == "first" and items[0]["moving"] == str(data / "first.nii.gz")
-    runner = PairRegistrationRunner(PairDataset(str(data), str(datalist)), ZeroDisplacement(), tmp_path / "out", None,
-                                    progress=False)
-    rows = runner.run()
+    rows = register_folder(data, tmp_path / "out", ZeroDisplacement(), datalist=datalist)
     assert rows[0]["status"] == "ok" and rows[0]["dice"] != ""
     assert (tmp_path / "out" / "first_warped_gt.nii.gz").is_file()
 
@@ -332,14 +330,15 @@ def test_bundle_config_end_to_end(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(BUNDLE)}
     done = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "registering" in done.stderr and "2 of 2 pairs registered" in done.stdout  # tqdm bar, summary line
+    assert "registering" in done.stderr and "2 of 2 pairs registered" in done.stdout  # ignite's bar, summary line
     rows = _read_csv(tmp_path / "out" / "summary.csv")
     assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["dice"] for r in rows)
     for row in rows:
         for name in row["outputs"].split(";"):
             assert (tmp_path / "out" / name).is_file()
     (data / "phantom300001_ES.nii.gz").write_bytes(b"corrupt")
-    done = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command + ["--overwrite", "true"], cwd=BUNDLE, env=env, capture_output=True, text=True,
+                          timeout=300)  # the same output folder: its earlier outputs are replaced (issue 31 item 8)
     assert done.returncode == 1
     assert "phantom300001_ES.nii.gz" in done.stderr + done.stdout
 

@@ -1,45 +1,23 @@
-"""Registration of a user's NIfTI pairs at their native size and geometry (the engine of ``inference.yaml``).
+"""Reading, checking and registering NIfTI pairs at their native size and geometry, and writing the fields: the pure
+helpers of the inference engine (``inference_engine.py``, ``configs/inference.yaml``), whose outputs are described there.
 
-For every pair (``<case>_ED.nii.gz`` moving, ``<case>_ES.nii.gz`` fixed, optional ``<case>_ED_gt.nii.gz`` /
-``<case>_ES_gt.nii.gz``; or the ``testing`` section of a datalist JSON) :class:`PairRegistrationRunner` writes into
-``output_dir``:
-
-* ``<case>_ddf.nii.gz``: the displacement field on the moving image's voxel grid, with its affine; array
-  ``(X, Y, C)`` for a 2D image (``(X, Y, 1, C)`` if stored with a singleton third axis) or ``(X, Y, Z, 3)``
-  for a short-axis stack; **voxel units of the input grid, component i along NIfTI array axis i** (for stacks
-  the through-plane component is 0), pull convention of MONAI ``Warp``: ``warped[x] = moving[x + ddf[x]]``.
-* ``<case>_ddf_itk.nii.gz`` (``.nrrd`` for one-slice ``(X, Y, 1)`` files, see :func:`itk_field_extension`):
-  the same field as an ITK displacement field (vector image written by ITK, NIfTI intent VECTOR,
-  **millimetres, ITK physical (LPS) x, y(, z) components**), on the moving image's
-  geometry as ITK reads it; ITK's convention ``T(p) = p + d(p)`` maps points of the fixed (ES) image to the
-  moving (ED) image, so ``itk.WarpImageFilter`` / ``itk.DisplacementFieldTransform`` + ``ResampleImageFilter``,
-  ``antsApplyTransforms`` or Slicer's transform module resample the moving image onto the fixed one with it.
-* ``<case>_warped.nii.gz``: the moving image (original intensities) warped onto the fixed one (bilinear).
-* ``<case>_warped_gt.nii.gz``: the moving label warped (each class bilinear, then argmax), when given.
-* ``<case>_score.nii.gz``: the scoring network's correspondence score of the fixed image, on request.
-* ``summary.csv``: one row per case: files, status, error message, Dice (when both labels exist; also the
-  undeformed Dice), folding percentage, time.
-
-Images of any in-plane size are min-max scaled and resized to the network grid (``image_size``); the field
-is resized back to the native grid and its vectors scaled by the size ratio. 3D stacks are registered slice by
-slice (slices along the third array axis). Every problem of a pair (unreadable file or symbolic link loop, missing
-partner, two files for one frame, unequal shapes, a constant image, a label map with non-integer, negative or huge
-values, a non-finite field, a case name that would leave ``output_dir``) is reported by name in the log and the CSV;
-the other pairs still finish; :meth:`run` ends with ``SystemExit(1)`` when any pair failed. ``output_dir`` defaults
-to ``<dataset_dir>_registered`` beside the input folder; one that holds an earlier run's outputs is refused unless
-``overwrite`` (which removes them first), so the folder and ``summary.csv`` always agree. Problems that stop the run before any case (no pairs, an
-unreadable or malformed datalist, weights that are missing, corrupt, non-finite or do not fit, an output folder that
-is an input folder, a file or not writable) end it with a message naming the file and nothing written. Inputs are
-never overwritten and every output file is written to a temporary name in ``output_dir`` and renamed into place
-(whole or absent); temporary files of a killed run are removed at the next start (``io_safety``).
+* the pairs: :func:`collect_pairs` (one discovery and naming rule for a folder, ``io_safety.match_named_files``, or a
+  datalist's ``testing`` section), :func:`load_pair` (a case read and checked, problems raised as :class:`PairError`
+  naming the file: unreadable files or symbolic link loops, unequal shapes, non-finite or constant images, label maps
+  with non-integer, negative or huge values);
+* the field between the network grid and the native grid: :class:`FieldToNatived` (the config's ``postprocessing``),
+  :func:`resize_ddf`, :func:`minmax_resize` (the config's ``preprocessing``, batched) and :func:`warp_native` (image
+  and labels warped at native size);
+* :class:`PairRegistration`: one pair in memory (MONAI Label's propagation, benchmarks), with the same steps;
+* the files: :func:`voxel_ddf_array` (the field on the moving file's grid), :func:`itk_geometry` /
+  :func:`itk_displacement_field` / :func:`itk_field_extension` (the ITK field on the moving image's geometry as ITK
+  reads it) and :func:`save_nifti` (atomic).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -51,29 +29,18 @@ import torch.nn.functional as F
 from monai.inferers import SimpleInferer
 from monai.networks.blocks import Warp
 from monai.transforms import MapTransform
-from monai.utils import str2bool
-from torch.utils.data import Dataset
 
 from .data import DatasetError
 from .evaluator import one_hot
 from .io_safety import (
-    PAIR_FRAMES, PAIR_RULE, TMP_PATTERN, assign_case_names, atomic_write, check_output_dir,
-    claim_output_dir, default_output_dir,
-    constant_problem, frame_pattern, input_file_problem, label_problem, list_dataset_folder, load_weights,
-    match_named_files, nifti_stem, prepare_output_dir, read_datalist,
+    PAIR_FRAMES, PAIR_RULE, assign_case_names, atomic_write, constant_problem, input_file_problem, label_problem,
+    list_dataset_folder, match_named_files, nifti_stem, read_datalist,
 )
-from .metrics import folding_percentage
 
 logger = logging.getLogger(__name__)
 
-PAIR_PATTERN = frame_pattern(("ED", "ES"))  # the naming rule; ED/ES/_gt in any case (x_ed.nii.gz)
 FILE_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
-OUTPUT_SUFFIXES = ("_ddf.nii.gz", "_ddf_itk.nii.gz", "_ddf_itk.nrrd", "_warped.nii.gz", "_warped_gt.nii.gz", "_score.nii.gz")
 MAX_LABEL = 255  # label maps with larger values fail by name (an image given as labels, a corrupt file)
-CSV_COLUMNS = (
-    "case", "status", "error", "notes", "moving", "fixed", "moving_label", "fixed_label", "shape", "outputs",
-    "dice", "dice_undeformed", "dice_per_class", "dice_undeformed_per_class", "folding_pct", "time_s",
-)
 
 
 class PairError(RuntimeError):
@@ -159,6 +126,17 @@ class LoadedPair:
     def is_stack(self) -> bool:
         return self.moving.ndim == 3
 
+    def slices(self, array: np.ndarray) -> np.ndarray:
+        """An array of this pair ``(X, Y)`` / ``(X, Y, Z)`` -> its slices ``(S, X, Y)`` (one for a 2D image)."""
+        return np.moveaxis(array, -1, 0) if self.is_stack else array[None]
+
+    def file_layout(self, tensor: torch.Tensor) -> np.ndarray:
+        """Slices ``(S, 1, X, Y)`` -> the moving file's spatial layout: ``(X, Y)``, ``(X, Y, 1)`` or ``(X, Y, Z)``."""
+        array = tensor[:, 0].detach().cpu().numpy()
+        if self.is_stack:
+            return np.moveaxis(array, 0, -1)
+        return array[0][:, :, None] if len(self.file_shape) >= 3 else array[0]
+
 
 def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     problem = input_file_problem(path)
@@ -211,28 +189,6 @@ def load_pair(item: Mapping[str, Any], max_label: int = MAX_LABEL) -> LoadedPair
             labels[key] = np.rint(arrays[key]).astype(np.int64)
     return LoadedPair(str(item["case"]), files, arrays["moving"], arrays["fixed"], affines["moving"],
                       shapes["moving"], labels.get("moving_label"), labels.get("fixed_label"), notes)
-
-
-class PairDataset(Dataset):
-    """The ``dataset`` of ``inference.yaml``: the cases of :func:`collect_pairs`, collected on first use;
-    ``dataset[i]`` is a :class:`LoadedPair` or raises :class:`PairError` for that case only."""
-
-    def __init__(self, dataset_dir: str | None, datalist: str | None = None, section: str = "testing",
-                 max_label: int = MAX_LABEL) -> None:
-        self.dataset_dir, self.datalist, self.section, self.max_label = dataset_dir, datalist, section, int(max_label)
-        self._items: list[dict[str, Any]] | None = None
-
-    @property
-    def items(self) -> list[dict[str, Any]]:
-        if self._items is None:
-            self._items = collect_pairs(self.dataset_dir, self.datalist, self.section)
-        return self._items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> LoadedPair:
-        return load_pair(self.items[index], self.max_label)
 
 
 # --------------------------------------------------------------------------------- network-grid transforms
@@ -333,19 +289,8 @@ class PairRegistration:
         self.network.eval()
         ddf_net = self.inferer(image, self.network)
         ddf = self.postprocessing({"pred": ddf_net, "native_size": native})["pred"]
-        if moving_label is None:
-            result = PairResult(ddf=ddf, warped=self.warp(mov, ddf))
-        else:  # image and one-hot label warped in one pass (one sampling grid), then argmax
-            labels = torch.as_tensor(moving_label, device=self.device).long()
-            labels = (labels[None] if labels.ndim == 2 else labels).contiguous()
-            # one channel per label value present (plus background 0), not per integer up to the largest value:
-            # the same argmax as a full one-hot (absent classes warp to 0 everywhere), memory bounded by the values
-            values = torch.unique(torch.cat([labels.new_zeros(1), labels.flatten()]))
-            index = torch.searchsorted(values, labels)
-            channels = one_hot(index[:, None], max(len(values), 2))
-            both = self.warp(torch.cat([mov, channels], 1), ddf)
-            winner = both[:, 1:1 + len(values)].argmax(1, keepdim=True)
-            result = PairResult(ddf=ddf, warped=both[:, :1], warped_label=values[winner])
+        warped, warped_label = warp_native(self.warp, mov, ddf, moving_label)
+        result = PairResult(ddf=ddf, warped=warped, warped_label=warped_label)
         if score_map:
             if self.scoring_network is None:
                 raise ValueError("score_map requested but no scoring network was given.")
@@ -353,6 +298,24 @@ class PairRegistration:
             score = self.scoring_network(image[:, 1:2])
             result.score = F.interpolate(score, size=native, mode="bilinear", align_corners=False)
         return result
+
+
+def warp_native(warp: Warp, moving: torch.Tensor, ddf: torch.Tensor, moving_label: Any = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Warp native slices ``(S, 1, H, W)`` (and integer labels ``(S, H, W)``, optional) by a native field
+    ``(S, 2, H, W)``: the image bilinear; the labels one channel per value present (plus background 0), each warped
+    bilinearly with the image in one pass (one sampling grid), then argmax. The same argmax as a full one-hot (absent
+    classes warp to 0 everywhere), with memory bounded by the values present, not by the largest value."""
+    if moving_label is None:
+        return warp(moving, ddf), None
+    labels = torch.as_tensor(moving_label, device=moving.device).long()
+    labels = (labels[None] if labels.ndim == 2 else labels).contiguous()
+    values = torch.unique(torch.cat([labels.new_zeros(1), labels.flatten()]))
+    index = torch.searchsorted(values, labels)
+    channels = one_hot(index[:, None], max(len(values), 2))
+    both = warp(torch.cat([moving, channels], 1), ddf)
+    winner = both[:, 1:1 + len(values)].argmax(1, keepdim=True)
+    return both[:, :1], values[winner]
 
 
 # ----------------------------------------------------------------------------------------- geometry / ITK
@@ -420,250 +383,8 @@ def itk_field_extension(pair: LoadedPair) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, intent: str | None = None) -> None:
+def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, intent: str | None = None) -> None:
     image = nib.Nifti1Image(array, affine)
     if intent:
         image.header.set_intent(intent)
     atomic_write(path, lambda tmp: nib.save(image, tmp))
-
-
-def dice_scores(pred: np.ndarray, target: np.ndarray) -> dict[int, float]:
-    """Dice per foreground label present in either map."""
-    scores = {}
-    for value in sorted((set(np.unique(pred).tolist()) | set(np.unique(target).tolist())) - {0}):
-        a, b = pred == value, target == value
-        denom = a.sum() + b.sum()
-        scores[int(value)] = float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
-    return scores
-
-
-class PairRegistrationRunner:
-    """The ``evaluator`` of ``inference.yaml``: registers every case of ``dataset`` and writes the outputs and
-    ``summary.csv`` (see the module docstring). Construction is cheap; weights are loaded in :meth:`run`.
-
-    Args:
-        dataset: a :class:`PairDataset`.
-        network: the displacement network (``network_def`` on ``device``).
-        output_dir: folder for the outputs (created; must not be an input folder); ``None``: ``<dataset_dir>_registered``
-            beside the input folder.
-        ckpt_path: flat state dict of ``network`` (``models/model.pt``); ``None`` keeps the current weights.
-        image_size: the network grid.
-        inferer, postprocessing: see :class:`PairRegistration`.
-        score_map: also write the scoring network's score map of the fixed image.
-        scoring_network, scoring_ckpt_path: the scoring network and its weights (used only with ``score_map``).
-        write_itk: also write the ITK displacement field.
-        exit_on_failure: raise ``SystemExit(1)`` at the end of :meth:`run` when a case failed.
-        progress: show a tqdm progress bar.
-        overwrite: replace an earlier run's outputs in ``output_dir`` (removed first); otherwise such a folder is
-            refused before anything is written.
-    """
-
-    def __init__(
-        self,
-        dataset: PairDataset,
-        network: torch.nn.Module,
-        output_dir: str | os.PathLike | None = None,
-        ckpt_path: str | None = None,
-        image_size: Sequence[int] = (128, 128),
-        device: str | torch.device = "cpu",
-        inferer: Callable | None = None,
-        postprocessing: Callable | None = None,
-        score_map: bool = False,
-        scoring_network: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
-        scoring_ckpt_path: str | None = None,
-        write_itk: bool = True,
-        exit_on_failure: bool = True,
-        progress: bool = True,
-        overwrite: bool = False,
-    ) -> None:
-        self.dataset, self.network = dataset, network
-        self.output_dir = Path(output_dir) if output_dir else None
-        self.ckpt_path, self.image_size, self.device = ckpt_path, tuple(image_size), torch.device(device)
-        self.inferer, self.postprocessing = inferer, postprocessing
-        # str2bool: the bundle CLI passes `--progress false` / `--write_itk false` as the string 'false'
-        self.score_map, self.scoring_network, self.scoring_ckpt_path = str2bool(score_map), scoring_network, scoring_ckpt_path
-        self.write_itk, self.exit_on_failure, self.progress = str2bool(write_itk), exit_on_failure, str2bool(progress)
-        self.overwrite = str2bool(overwrite)
-        self.rows: list[dict[str, Any]] = []
-
-    # -- setup
-    def _load_weights(self, network: torch.nn.Module, path: str | None, what: str) -> None:
-        if path is not None:  # SystemExit naming the file: missing, empty, corrupt, non-finite or not fitting
-            load_weights(network, path, what, self.device)
-
-    def _check_output_dir(self) -> set[str]:
-        """Refuse an output_dir that is an input folder or a file (nothing created); the real paths of the inputs."""
-        inputs = {os.path.realpath(v) for item in self.dataset.items for k, v in item.items()
-                  if k in FILE_KEYS and isinstance(v, str)}
-        check_output_dir(self.output_dir, inputs, [self.dataset.dataset_dir] if self.dataset.dataset_dir else [])
-        return inputs
-
-    def build_registration(self) -> PairRegistration:
-        scoring = None
-        if self.score_map:
-            scoring = self.scoring_network() if callable(self.scoring_network) and not isinstance(
-                self.scoring_network, torch.nn.Module) else self.scoring_network
-            if scoring is None:
-                raise SystemExit("error: score_map needs scoring_network_def.")
-            scoring = scoring.to(self.device)
-            self._load_weights(scoring, self.scoring_ckpt_path, "scoring network")
-        self._load_weights(self.network, self.ckpt_path, "displacement network")
-        return PairRegistration(self.network, self.image_size, self.device, self.inferer, self.postprocessing, scoring)
-
-    @staticmethod
-    def is_output(entry: os.DirEntry) -> bool:
-        """A file this engine writes: ``summary.csv`` or ``<case><suffix>`` for a suffix of ``OUTPUT_SUFFIXES``."""
-        return entry.is_file(follow_symlinks=False) and (
-            entry.name == "summary.csv" or entry.name.endswith(OUTPUT_SUFFIXES))
-
-    # -- per case
-    def _register_case(self, registration: PairRegistration, pair: LoadedPair, inputs: set[Path]) -> dict[str, Any]:
-        moving = np.moveaxis(pair.moving, -1, 0) if pair.is_stack else pair.moving[None]
-        fixed = np.moveaxis(pair.fixed, -1, 0) if pair.is_stack else pair.fixed[None]
-        labels = None
-        if pair.moving_label is not None:
-            labels = np.moveaxis(pair.moving_label, -1, 0) if pair.is_stack else pair.moving_label[None]
-        classes = None
-        if pair.moving_label is not None:
-            classes = int(max(pair.moving_label.max(), pair.fixed_label.max() if pair.fixed_label is not None else 0)) + 1
-        result = registration(moving, fixed, labels, classes, score_map=self.score_map)
-
-        def native(t: torch.Tensor) -> np.ndarray:  # (S, 1, X, Y) -> the file's spatial layout
-            arr = t[:, 0].detach().cpu().numpy()
-            if pair.is_stack:
-                return np.moveaxis(arr, 0, -1)
-            return arr[0][:, :, None] if len(pair.file_shape) >= 3 else arr[0]
-
-        row: dict[str, Any] = {"shape": "x".join(map(str, pair.moving.shape))}
-        outputs: dict[str, Path] = {}
-        case = pair.case
-        weights = f" (weights {self.ckpt_path})" if self.ckpt_path else ""
-        for what, tensor in (("displacement field", result.ddf), ("warped image", result.warped), ("score map", result.score)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
-                raise PairError(f"{pair.files['moving']}: the network gave a {what} with NaN or infinite values{weights}; "
-                                f"nothing written for this case")
-        ddf_vox = voxel_ddf_array(result.ddf, pair.is_stack, pair.file_shape)
-        outputs["ddf"] = self.output_dir / f"{case}_ddf.nii.gz"
-        if self.write_itk:
-            outputs["ddf_itk"] = self.output_dir / f"{case}_ddf_itk{itk_field_extension(pair)}"
-        outputs["warped"] = self.output_dir / f"{case}_warped.nii.gz"
-        warped_label = native(result.warped_label) if result.warped_label is not None else None
-        if warped_label is not None:
-            outputs["warped_gt"] = self.output_dir / f"{case}_warped_gt.nii.gz"
-        if result.score is not None:
-            outputs["score"] = self.output_dir / f"{case}_score.nii.gz"
-        for path in outputs.values():  # defence in depth: case names are checked in collect_pairs
-            if path.parent != self.output_dir or TMP_PATTERN.match(path.name):
-                raise PairError(f"{pair.files['moving']}: output name {path.name!r} is not a plain name in output_dir")
-        clash = [str(p) for p in outputs.values() if os.path.realpath(p) in inputs]
-        if clash:
-            raise PairError(f"{clash[0]}: output would overwrite an input file; choose another output_dir")
-
-        field_image = None
-        if self.write_itk:
-            itk_ndim = 3 if len(pair.file_shape) >= 3 else 2
-            vox = ddf_vox if itk_ndim == ddf_vox.ndim - 1 else ddf_vox[:, :, None, :]
-            field_image = itk_displacement_field(vox, *itk_geometry(pair.files["moving"], itk_ndim))
-        try:  # a case that fails half-way leaves none of its outputs behind
-            _save_nifti(outputs["ddf"], ddf_vox, pair.affine, intent="vector")
-            if field_image is not None:
-                import itk
-
-                atomic_write(outputs["ddf_itk"], lambda tmp: itk.imwrite(field_image, tmp))
-            _save_nifti(outputs["warped"], native(result.warped).astype(np.float32), pair.affine)
-            if warped_label is not None:
-                _save_nifti(outputs["warped_gt"], warped_label.astype(np.int16), pair.affine)
-            if result.score is not None:
-                _save_nifti(outputs["score"], native(result.score).astype(np.float32), pair.affine)
-        except BaseException:
-            for path in outputs.values():
-                path.unlink(missing_ok=True)
-            raise
-
-        row["outputs"] = ";".join(p.name for p in outputs.values())
-        row["folding_pct"] = round(float(folding_percentage(result.ddf).mean()), 4)
-        if warped_label is not None and pair.fixed_label is not None:
-            moved = warped_label.reshape(pair.fixed_label.shape)
-            scores = dice_scores(moved, pair.fixed_label)
-            before = dice_scores(pair.moving_label, pair.fixed_label)
-            row["dice"] = round(float(np.mean(list(scores.values()))), 4) if scores else ""
-            row["dice_undeformed"] = round(float(np.mean(list(before.values()))), 4) if before else ""
-            row["dice_per_class"] = ";".join(f"{k}:{v:.4f}" for k, v in scores.items())
-            row["dice_undeformed_per_class"] = ";".join(f"{k}:{v:.4f}" for k, v in before.items())
-        return row
-
-    # -- driver
-    def run(self) -> list[dict[str, Any]]:
-        """Register every case; write outputs and ``summary.csv``; ``SystemExit(1)`` if any case failed.
-
-        Before any case: the cases are collected, ``output_dir`` is checked (not an input folder, not a file), the
-        weights are loaded and checked, and only then ``output_dir`` is created, checked writable and cleared of
-        temporary files of a killed run; an earlier run's outputs there are refused, or removed with ``overwrite``;
-        any problem there ends the run with a message and nothing written."""
-        try:
-            num_cases = len(self.dataset)
-        except DatasetError as error:
-            raise SystemExit(f"error: {error}") from None
-        if self.output_dir is None:
-            self.output_dir = default_output_dir(self.dataset.dataset_dir, "_registered")
-        logger.info(f"outputs: {self.output_dir}")
-        inputs = self._check_output_dir()
-        registration = self.build_registration()
-        claim_output_dir(self.output_dir, self.is_output, self.overwrite, inputs)
-        prepare_output_dir(self.output_dir)
-        self.rows = []
-        indices: Any = range(num_cases)
-        if self.progress:
-            from tqdm import tqdm
-
-            indices = tqdm(indices, desc="registering", unit="pair")
-        for index in indices:
-            self.rows.append(self._run_case(registration, index, inputs))
-        summary = self.output_dir / "summary.csv"
-
-        def write_csv(tmp: str) -> None:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-                writer.writeheader()
-                for r in self.rows:
-                    writer.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
-
-        try:
-            atomic_write(summary, write_csv)
-        except OSError as error:
-            raise SystemExit(f"error: {summary}: cannot be written ({error.strerror or error}); the outputs of the "
-                             f"cases are in {self.output_dir}.") from None
-        failed = [r for r in self.rows if r["status"] != "ok"]
-        message = f"{len(self.rows) - len(failed)} of {len(self.rows)} pairs registered into {self.output_dir}"
-        if failed:
-            message += f"; FAILED: {', '.join(str(r['case']) for r in failed)} (see {summary})"
-        print(message)
-        if failed and self.exit_on_failure:
-            raise SystemExit(1)
-        return self.rows
-
-    def _run_case(self, registration: PairRegistration, index: int, inputs: set[str]) -> dict[str, Any]:
-        """One case, whatever happens: a row with status ``ok`` or ``failed`` and the error naming the file."""
-        item = self.dataset.items[index]
-        case = str(item.get("case", ""))
-        row: dict[str, Any] = {k: str(item.get(k, "")) for k in ("case", *FILE_KEYS)}
-        notes = list(item.get("notes") or [])
-        start = time.perf_counter()
-        try:
-            pair = self.dataset[index]
-            notes = list(pair.notes)
-            row.update(self._register_case(registration, pair, inputs))
-            row.update(status="ok", error="")
-        except (PairError, DatasetError) as error:
-            row.update(status="failed", error=str(error))
-        except Exception as error:  # an unexpected failure of one case must not stop the others
-            where = item.get("moving") or case
-            row.update(status="failed", error=f"{where}: {type(error).__name__}: {error}")
-            logger.debug(f"case {case}: unexpected error", exc_info=True)
-        if row["status"] != "ok":
-            logger.error(f"case {case}: {row['error']}")
-        for note in notes:
-            logger.warning(f"{case}: {note}")
-        row["notes"] = "; ".join(notes)
-        row["time_s"] = round(time.perf_counter() - start, 4)
-        return row
