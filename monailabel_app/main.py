@@ -8,7 +8,8 @@ as a final label (``labels/final/<case>_ED.nii.gz``). ``POST /infer/adacs_propag
 the ED label propagated onto the ES frame; ``POST /infer/adacs_strain?image=<case>_ED`` returns the AHA segments
 of the ED label (``output=image``) and the strain at ES per segment (``output=json``). Strain options:
 ``--conf strain_labels '{"rv": 1, "myo": 2, "lv": 3}'`` (ACDC codes), ``--conf strain_view short_axis|long_axis``,
-``--conf roi_size 128|none``.
+``--conf roi_size 128|none``. Test-time refinement of every registered pair (both tasks): ``--conf refine_steps 50``
+[``--conf refine_score_weighted false``] [``--conf scoring_model_path <bundle>/models/scoring_model.pt``].
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ logger = logging.getLogger(__name__)
 APP_DIR = os.path.dirname(os.path.realpath(__file__))
 
 
+def refine_settings(conf: Dict[str, str], bundle_path: str) -> Dict[str, object]:
+    """``--conf refine_*`` as the bundle's ``refinement.refiner_from_settings`` arguments (0 steps: no refinement)."""
+    return {"steps": int(conf.get("refine_steps", "0")),
+            "score_weighted": conf.get("refine_score_weighted", "true"),
+            "scoring_ckpt_path": conf.get("scoring_model_path", os.path.join(bundle_path, "models", "scoring_model.pt"))}
+
+
 class MyApp(MONAILabelApp):
     """Registration app: infer tasks ``adacs_propagation`` and ``adacs_strain``; no training (train with the bundle)."""
 
@@ -37,6 +45,7 @@ class MyApp(MONAILabelApp):
         self.roi_size = None if roi.lower() == "none" else (int(roi), int(roi))
         self.strain_labels = json.loads(conf.get("strain_labels", '{"rv": 1, "myo": 2, "lv": 3}'))
         self.strain_view = conf.get("strain_view", "short_axis")
+        self.refine = refine_settings(conf, self.bundle_path)
         for path in (self.bundle_path, APP_DIR):  # the bundle's `scripts` package and this app's `lib`
             if path not in sys.path:
                 sys.path.insert(0, path)
@@ -50,8 +59,10 @@ class MyApp(MONAILabelApp):
 
         size = (self.image_size, self.image_size)
         task = LabelPropagationTask(self.datastore, self.model_path, size)
+        task.refine = self.refine
         if not task.is_valid():
             logger.warning(f"{self.model_path}: weights not found; train the bundle or pass --conf model_path")
         strain = StrainTask(self.datastore, self.model_path, size, roi_size=self.roi_size, labels=self.strain_labels,
                             view=self.strain_view)
+        strain.refine = self.refine
         return {"adacs_propagation": task, "adacs_strain": strain}

@@ -162,3 +162,29 @@ def test_strain_request_errors_name_the_problem(server: dict) -> None:
         assert time.time() < deadline, log[-2000:]
         time.sleep(1)
     assert "pass the ES image id as 'fixed'" in log
+
+
+@pytest.mark.slow
+def test_app_builds_the_refiner_from_its_conf(tmp_path: Path) -> None:
+    """``--conf refine_steps 5``: both tasks register with the bundle's test-time refiner (score-weighted, the
+    shipped scoring weights); without it they do not refine."""
+    python = _monailabel_python()
+    probe = f'''
+import sys
+sys.path[:0] = [{str(REPO / "bundle")!r}, {str(REPO / "monailabel_app")!r}]
+from main import refine_settings
+from lib.propagation import LabelPropagationTask
+from lib.strain import StrainTask
+for steps in ("0", "5"):
+    refine = refine_settings({{"refine_steps": steps}}, {str(REPO / "bundle")!r})
+    for task in (LabelPropagationTask(lambda: None, {str(REPO / "bundle" / "models" / "model.pt")!r}),
+                 StrainTask(lambda: None, {str(REPO / "bundle" / "models" / "model.pt")!r})):
+        task.refine = refine
+        engine = task._engine()
+        print(type(task).__name__, steps, None if engine.refiner is None else engine.refiner.steps,
+              None if engine.refiner is None else type(engine.refiner.scoring_network).__name__)
+'''
+    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["LabelPropagationTask 0 None None", "StrainTask 0 None None",
+                                          "LabelPropagationTask 5 5 ScoringNet", "StrainTask 5 5 ScoringNet"]

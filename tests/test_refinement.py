@@ -150,3 +150,30 @@ def test_evaluation_config_refines_only_when_asked(steps, tmp_path):
         assert evaluator.refiner.lam == workflow.parser.get_parsed_content("lam")
     evaluator.run()
     assert 0 < evaluator.state.metrics["val_mean_dice"] <= 1
+
+
+def test_folder_inference_refines_and_says_when_the_folding_limit_stopped_a_pair(tmp_path):
+    """inference.yaml: refine_steps > 0 changes the written field; a pair stopped by the folding limit is named in
+    summary.csv's notes (a one-way network whose displacement folds at once with a huge step)."""
+    import nibabel as nib
+
+    from scripts.inference_engine import register_folder
+
+    data = tmp_path / "pairs"
+    for case, index in (("a", 200000), ("b", 200001)):
+        pair = cardiac_phantom_pair(index, size=64)
+        data.mkdir(exist_ok=True)
+        for frame, key in (("ED", "moving"), ("ES", "fixed")):
+            nib.save(nib.Nifti1Image(pair[key][0], np.eye(4)), str(data / f"{case}_{frame}.nii.gz"))
+    plain = register_folder(data, tmp_path / "plain", None, BUNDLE / "models" / "model.pt", write_itk=False)
+    refined = register_folder(data, tmp_path / "refined", None, BUNDLE / "models" / "model.pt", write_itk=False,
+                              refine_steps=5)
+    assert [r["status"] for r in plain + refined] == ["ok"] * 4 and not any(r["notes"] for r in refined)
+    before = nib.load(str(tmp_path / "plain" / "a_ddf.nii.gz")).get_fdata()
+    after = nib.load(str(tmp_path / "refined" / "a_ddf.nii.gz")).get_fdata()
+    assert before.shape == after.shape and not np.allclose(before, after, atol=1e-3)
+    stopped = register_folder(data, tmp_path / "stopped", ZeroDisplacement(), None, write_itk=False, refine_steps=10,
+                              refine_learning_rate=5.0, refine_score_weighted=False, refine_max_folding_pct=0.0)
+    for row in stopped:
+        assert row["status"] == "ok" and float(row["folding_pct"]) == 0.0
+        assert "refinement stopped after" in row["notes"] and "folding would exceed 0.00 %" in row["notes"]

@@ -32,6 +32,7 @@ class RegistrationKeys(StrEnum):
     WARPED_LABEL = "warped_label"  # the moving label warped by the field, one-hot
     MOVING_LABEL = "moving_label"  # the moving label, one-hot: the undeformed baseline
     TRUE_DDF = "true_ddf"  # the true field, when the data has one (phantom)
+    REFINEMENT_NOTES = "refinement_notes"  # per pair: what test-time refinement did ("" when nothing to say)
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -147,9 +148,12 @@ class RegistrationEvaluator(Evaluator):
             if engine.refiner is None:
                 ddf = engine.inferer(image, engine.network)
             else:  # Adam on each pair's field (the refiner enables gradients for its own variable only)
-                ddf = engine.refiner(engine.network, image).ddf
+                refined = engine.refiner(engine.network, image)
+                ddf = refined.ddf
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         output: dict[str, Any] = {Keys.IMAGE: image, Keys.PRED: ddf, RegistrationKeys.WARPED: engine.warp(moving, ddf)}
+        if engine.refiner is not None:
+            output[RegistrationKeys.REFINEMENT_NOTES] = refined.notes
         if all(isinstance(batchdata.get(k), torch.Tensor) for k in (engine.moving_label_key, engine.fixed_label_key)):
             device = engine.state.device
             moving_label = engine._select_labels(batchdata[engine.moving_label_key].to(device))

@@ -190,9 +190,9 @@ class PairInferenceEvaluator(RegistrationEvaluator):
     def __init__(self, device: str | torch.device, val_data_loader: Any, network: torch.nn.Module,
                  inferer: Callable | None = None, postprocessing: Callable | None = None,
                  val_handlers: Sequence | None = None, scoring_network: torch.nn.Module | None = None,
-                 score_map: bool | str = False, ckpt_path: str | None = None) -> None:
+                 score_map: bool | str = False, ckpt_path: str | None = None, refiner: Any = None) -> None:
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, inferer=inferer,
-                         postprocessing=postprocessing, val_handlers=val_handlers, decollate=False)
+                         postprocessing=postprocessing, val_handlers=val_handlers, decollate=False, refiner=refiner)
         self.score_map = str2bool(score_map)
         self.scoring_network = scoring_network if self.score_map else None
         if self.score_map and scoring_network is None:
@@ -376,6 +376,8 @@ class RegistrationSummary:
         row: dict[str, Any] = {k: str(item.get(k, "")) for k in ("case", *FILE_KEYS)}
         row.update({STATUS: output[STATUS], ERROR: output[ERROR]})
         notes = list(pair.notes if pair is not None else item.get("notes") or [])
+        refinement = output.get(RegistrationKeys.REFINEMENT_NOTES) or []
+        notes += [f"slice {i}: {note}" if len(refinement) > 1 else note for i, note in enumerate(refinement) if note]
         if output[STATUS] == "ok":
             row.update(self.measures(pair, output))
         else:

@@ -252,6 +252,7 @@ class PairRegistration:
         postprocessing: maps ``{"pred": ddf (B, 2, h, w), "native_size": (H, W)}`` to the native field
             (default :class:`FieldToNatived`).
         scoring_network: optional ``(B, 1, h, w) -> (0, 1)`` scoring network for the score map.
+        refiner: optional test-time refinement of each slice's field (``refinement.InstanceRefiner``).
     """
 
     def __init__(
@@ -262,8 +263,10 @@ class PairRegistration:
         inferer: Callable | None = None,
         postprocessing: Callable | None = None,
         scoring_network: torch.nn.Module | None = None,
+        refiner: Any = None,
     ) -> None:
         self.network = network
+        self.refiner = refiner if (refiner is not None and refiner.active) else None
         self.image_size = tuple(int(s) for s in image_size)
         self.device = torch.device(device)
         self.inferer = inferer or SimpleInferer()
@@ -287,7 +290,7 @@ class PairRegistration:
         native = tuple(mov.shape[2:])
         image = torch.cat([minmax_resize(mov, self.image_size), minmax_resize(fix, self.image_size)], dim=1)
         self.network.eval()
-        ddf_net = self.inferer(image, self.network)
+        ddf_net = self.inferer(image, self.network) if self.refiner is None else self.refiner(self.network, image).ddf
         ddf = self.postprocessing({"pred": ddf_net, "native_size": native})["pred"]
         warped, warped_label = warp_native(self.warp, mov, ddf, moving_label)
         result = PairResult(ddf=ddf, warped=warped, warped_label=warped_label)

@@ -20,7 +20,13 @@ def image_id(path: str) -> str:
 
 
 class BundleInferTask(InferTask):
-    """An infer task backed by the AdaCS bundle's displacement network (a flat state dict of ``network_def``)."""
+    """An infer task backed by the AdaCS bundle's displacement network (a flat state dict of ``network_def``).
+
+    ``refine`` (set by the app from ``--conf refine_*``): the keyword arguments of the bundle's
+    ``refinement.refiner_from_settings`` (``steps``, ``score_weighted``, ``scoring_ckpt_path``, ...); test-time
+    refinement of every registered pair when ``steps`` > 0."""
+
+    refine: dict = {}
 
     model_path: str
     device: str
@@ -42,6 +48,20 @@ class BundleInferTask(InferTask):
         except SystemExit as error:  # a server answers the request instead of exiting
             raise MONAILabelException(MONAILabelError.SERVER_ERROR, str(error).removeprefix("error: ")) from None
         return net.to(self.device).eval()
+
+    def _refiner(self):
+        """The bundle's test-time refiner from ``refine`` (``None`` when off); the scoring weights checked by the
+        bundle (a problem is a server error naming the file)."""
+        from scripts.networks import ScoringNet
+        from scripts.refinement import refiner_from_settings
+
+        settings = dict(self.refine or {})
+        if int(settings.get("steps", 0)) <= 0:
+            return None
+        try:
+            return refiner_from_settings(scoring_network=ScoringNet(), device=self.device, **settings)
+        except (SystemExit, ValueError) as error:
+            raise MONAILabelException(MONAILabelError.SERVER_ERROR, str(error).removeprefix("error: ")) from None
 
     def _partner(self, request: dict, own: str, partner: str, param: str) -> tuple[str, str, str]:
         """(request image id, partner frame id, partner image uri): the case's other frame, ``<case>_<partner>`` when

@@ -50,7 +50,8 @@ class LabelPropagationTask(BundleInferTask):
         if self._registration is None:
             from scripts.registration_io import PairRegistration
 
-            self._registration = PairRegistration(self._network(), self.image_size, self.device)
+            self._registration = PairRegistration(self._network(), self.image_size, self.device,
+                                                  refiner=self._refiner())
         return self._registration
 
     def _moving(self, request: Dict[str, Any]) -> Tuple[str, str, str]:

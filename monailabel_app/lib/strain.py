@@ -56,7 +56,8 @@ class StrainTask(BundleInferTask):
         if self._registration is None:
             from scripts.strain_analysis import CineRegistration
 
-            self._registration = CineRegistration(self._network(), self.image_size, self.roi_size, device=self.device)
+            self._registration = CineRegistration(self._network(), self.image_size, self.roi_size, device=self.device,
+                                                  refiner=self._refiner())
         return self._registration
 
     def _case(self, request: Dict[str, Any]) -> Dict[str, str]:
