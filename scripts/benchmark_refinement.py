@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"torch_threads": torch.get_num_threads(), "pairs": args.pairs, "bare_network_s_per_pair": bare,
               "rows": []}
     if args.elastix_pairs:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from benchmark_inference import elastix_timings
+        from benchmark_inference import elastix_timings  # a sibling tool (this folder is on the path, as for _bundle)
 
         elastix = statistics.median(elastix_timings(pairs[: args.elastix_pairs]))
         result["elastix_s_per_pair"] = elastix
