@@ -125,7 +125,7 @@ def test_readme_commands_for_real_in_sequence(tmp_path: Path) -> None:
     quick_start = readme_blocks()[0].replace("configs/train.yaml)", f"configs/train.yaml {SHORT_TRAINING})")
     assert SHORT_TRAINING in quick_start
     evaluate_shipped = [line for line in readme_blocks()[2].splitlines()
-                        if "configs/evaluate.yaml" in line and "--ckpt_path" not in line]
+                        if line.rstrip().endswith("configs/evaluate.yaml']\"")]  # no options: the defaults
     assert len(evaluate_shipped) == 1
     evaluate_trained = usage_command("--ckpt_path models/phantom/model.pt")
     inference = usage_command("configs/inference.yaml --dataset_dir /path/to/pairs")
