@@ -76,3 +76,23 @@ def test_each_data_term_config_trains_a_few_steps(name, tmp_path):
     terms = loss_terms(trainer.state.output)
     assert trainer.state.iteration == 2 and all(math.isfinite(terms[k]) for k in ("loss", "loss_data", "loss_grad"))
     assert terms["loss_data"] > 0
+
+
+def test_the_no_smoothness_ablation_trains_adacs_with_a_zero_smoothness_weight(tmp_path):
+    """Table 3's "L_smooth off" row (issue 30 item 4): the joint phase runs with L_smooth's weight exactly 0."""
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.trainer import loss_terms
+
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / "configs/ablation_no_smooth.yaml")],
+        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), image_size=[32, 32], num_train_pairs=4, num_val_pairs=2, epoch_length=2,
+        batch_size=2, epochs=1, motion_warmup_epochs=0, scoring_warmup_epochs=0, num_workers=0,
+        **{"train#handler#progress_bar#_disabled_": True},
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.run()
+    terms = loss_terms(trainer.state.output)
+    assert terms["smoothness_weight"] == 0.0 and math.isfinite(terms["loss_ucs"]) and math.isfinite(terms["loss_reg"])
