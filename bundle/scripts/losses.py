@@ -76,24 +76,30 @@ class DisplacementLoss(nn.Module):
     here, whatever the caller passes (paper: stop-gradient on S); ``score=None`` means S = 1 (warm-up).
     """
 
-    def __init__(self, similarity: PixelwiseDissimilarity, regularization: nn.Module, lam: float = 0.01) -> None:
+    def __init__(self, similarity: PixelwiseDissimilarity, regularization: nn.Module, lam: float = 0.01,
+                 score_to_weight: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.similarity = similarity
         self.regularization = regularization
         self.lam = lam
+        # how the second network's map weights the data term: S itself (AdaCS), or e.g. 1/(2 sigma^2) (NLL)
+        self.score_to_weight = score_to_weight
 
     def forward(
         self, directions: Sequence[Direction], mask: torch.Tensor | None, regularized_field: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         data_terms = [
             score_weighted_dissimilarity(
-                self.similarity(d.warped, d.target), None if d.score is None else d.score.detach(), mask
+                self.similarity(d.warped, d.target), None if d.score is None else self._weight(d.score.detach()), mask
             )
             for d in directions
         ]
         data = torch.stack(data_terms).mean()
         smoothness = self.regularization(regularized_field)
         return {"total": data + self.lam * smoothness, "data": data, "grad": smoothness}
+
+    def _weight(self, score: torch.Tensor) -> torch.Tensor:
+        return score if self.score_to_weight is None else self.score_to_weight(score)
 
 
 class ScoringLoss(nn.Module):

@@ -1,0 +1,75 @@
+"""The paper's uncertainty baselines NLL and beta-NLL (Table 1), as a mode of the AdaCS trainer (no second trainer).
+
+A variance network (the scoring network's UNet, no sigmoid: :class:`LogVarianceNet`) predicts s = log sigma^2 of the
+target image; the loss of a pixel with residual dissimilarity d (r^2 for MSE) is
+
+    NLL      = 1/2 d e^{-s} + 1/2 s
+    beta-NLL = [e^{beta s}]_detached * NLL           (Seitzer et al., ICLR 2022: sigma^{2 beta}, detached)
+
+(method doc §10.5, the reference's ``hetero_uncertainty`` losses). In the trainer's alternating steps:
+
+* the displacement step minimises it over theta with s detached: the data term weighted by
+  ``NLLWeight(beta)(s) = 1/2 e^{-s} [e^{beta s}]`` (``DisplacementLoss(score_to_weight=...)``);
+* the variance step (the trainer's scoring step) minimises it over phi with the warped image detached
+  (:class:`NLLVarianceLoss`).
+
+Ours where the reference has its own loop: the alternation (the reference trains both terms of the same loss jointly;
+the fixed point is the same) and the foreground mask M, as for AdaCS. beta = 0 is plain NLL; 0.5 is the beta-NLL
+paper's recommended value (used here; the reference's value is not recorded in the method doc).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .losses import Direction, PixelwiseDissimilarity
+from .networks import ScoringNet
+
+
+class LogVarianceNet(ScoringNet):
+    """The scoring network's UNet with a linear output: s = log sigma^2 per pixel (clamped to +-``bound``)."""
+
+    def __init__(self, bound: float = 10.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bound = float(bound)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.unet(image).clamp(-self.bound, self.bound)
+
+
+class NLLWeight:
+    """The displacement step's weight of a pixel: 1/2 e^{-s} e^{beta s} (s detached by the caller)."""
+
+    def __init__(self, beta: float = 0.0) -> None:
+        self.beta = float(beta)
+
+    def __call__(self, log_variance: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.exp((self.beta - 1.0) * log_variance)
+
+
+class NLLVarianceLoss(nn.Module):
+    """The variance step: mean over directions of mean(M [e^{beta s}]_detached (1/2 d(floor(warped), target) e^{-s}
+    + 1/2 s)). Returns the trainer's scoring-loss keys (``ucs`` = the NLL, ``reg`` and ``smooth`` = 0)."""
+
+    def __init__(self, similarity: PixelwiseDissimilarity, beta: float = 0.0) -> None:
+        super().__init__()
+        self.similarity = similarity
+        self.beta = float(beta)
+
+    def forward(self, directions: Sequence[Direction], mask: torch.Tensor | None,
+                smoothness_weight: float = 0.0) -> dict[str, torch.Tensor]:
+        terms = []
+        for d in directions:
+            s = d.score
+            nll = 0.5 * self.similarity(d.warped.detach(), d.target) * torch.exp(-s) + 0.5 * s
+            if self.beta:
+                nll = nll * torch.exp(self.beta * s).detach()
+            if mask is not None:
+                nll = nll * mask
+            terms.append(nll.mean())
+        total = torch.stack(terms).mean()
+        zero = torch.zeros((), device=total.device)
+        return {"total": total, "ucs": total, "reg": zero, "smooth": zero}

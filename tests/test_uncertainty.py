@@ -1,0 +1,81 @@
+"""The NLL and beta-NLL baselines (issue 30 item 2) as a mode of the AdaCS trainer: losses by hand, what is
+detached, and a few training steps through their configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import BUNDLE
+from scripts.losses import Direction, DisplacementLoss, GradientL2Loss
+from scripts.uncertainty import LogVarianceNet, NLLVarianceLoss, NLLWeight
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MSE = torch.nn.MSELoss(reduction="none")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_variance_loss_by_hand_and_its_gradient(beta):
+    warped = torch.tensor([[[[0.2, 0.9]]]], requires_grad=True)
+    target = torch.tensor([[[[0.0, 0.5]]]])
+    s = torch.tensor([[[[0.3, -1.0]]]], requires_grad=True)
+    loss = NLLVarianceLoss(MSE, beta)([Direction(warped, target, s)], None)["total"]
+    r2 = torch.tensor([0.04, 0.16])
+    sv = torch.tensor([0.3, -1.0])
+    expected = ((0.5 * r2 * torch.exp(-sv) + 0.5 * sv) * torch.exp(beta * sv)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert warped.grad is None  # the warped image is detached in the variance step
+    # d/ds: the detached sigma^{2 beta} factor is a constant: 1/2 (1 - r^2 e^{-s}) e^{beta s} / 2 pixels
+    expected_grad = 0.5 * (1 - r2 * torch.exp(-sv)) * torch.exp(beta * sv) / 2
+    assert torch.allclose(s.grad.flatten(), expected_grad, rtol=1e-5)
+
+
+def test_displacement_step_weights_the_data_term_by_the_detached_precision():
+    warped = torch.tensor([[[[0.2, 0.9]]]], requires_grad=True)
+    target = torch.tensor([[[[0.0, 0.5]]]])
+    s = torch.tensor([[[[0.3, -1.0]]]], requires_grad=True)
+    loss = DisplacementLoss(MSE, GradientL2Loss(), lam=0.0, score_to_weight=NLLWeight(0.5))
+    out = loss([Direction(warped, target, s)], None, torch.zeros(1, 2, 2, 2))
+    weights = 0.5 * torch.exp(-0.5 * torch.tensor([0.3, -1.0]))
+    assert out["data"].item() == pytest.approx((weights * torch.tensor([0.04, 0.16])).mean().item(), rel=1e-6)
+    out["total"].backward()
+    assert s.grad is None and warped.grad is not None  # s is detached in the displacement step
+
+
+def test_log_variance_net_is_linear_and_bounded():
+    from scripts.networks import _head
+
+    net = LogVarianceNet(bound=2.0)
+    out = net(torch.rand(2, 1, 32, 32))
+    assert out.shape == (2, 1, 32, 32) and out.abs().max() <= 2.0
+    with torch.no_grad():
+        _head(net.unet).weight.zero_()
+        _head(net.unet).bias.fill_(-1.5)  # a log-variance below 0: no sigmoid in the way
+    assert torch.allclose(net(torch.rand(1, 1, 32, 32)), torch.full((1, 1, 32, 32), -1.5))
+
+
+@pytest.mark.parametrize("name", ["nll", "beta_nll"])
+def test_each_baseline_config_trains_both_networks(name, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.trainer import loss_terms
+
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / f"configs/baseline_{name}.yaml")],
+        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), image_size=[32, 32], num_train_pairs=4, num_val_pairs=2, epoch_length=2,
+        batch_size=2, epochs=1, motion_warmup_epochs=0, scoring_warmup_epochs=0, num_workers=0,
+        **{"train#handler#progress_bar#_disabled_": True},
+    )
+    workflow.initialize()
+    variance = workflow.parser.get_parsed_content("scoring_network")
+    before = [p.detach().clone() for p in variance.parameters()]
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.run()
+    terms = loss_terms(trainer.state.output)
+    assert isinstance(variance, LogVarianceNet)
+    assert math.isfinite(terms["loss_displacement"]) and math.isfinite(terms["loss_ucs"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, variance.parameters()))  # the variance net trained
