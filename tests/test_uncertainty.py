@@ -79,3 +79,41 @@ def test_each_baseline_config_trains_both_networks(name, tmp_path):
     assert isinstance(variance, LogVarianceNet)
     assert math.isfinite(terms["loss_displacement"]) and math.isfinite(terms["loss_ucs"])
     assert any(not torch.equal(a, b) for a, b in zip(before, variance.parameters()))  # the variance net trained
+
+
+def test_adareg_weight_by_hand_and_it_only_scales_the_smoothness():
+    from scripts.uncertainty import AdaRegDisplacementLoss
+
+    warped = torch.tensor([[[[0.2, 0.0], [0.5, 0.1]]]], requires_grad=True)
+    target = torch.zeros(1, 1, 2, 2)
+    field = torch.zeros(1, 2, 2, 2)
+    field[0, 0, 0, 1] = 1.0
+    loss = AdaRegDisplacementLoss(MSE, GradientL2Loss(), lam=0.1, c=50.0)
+    r = torch.tensor([[0.2, 0.0], [0.5, 0.1]])
+    w = torch.exp(-50.0 * r * r.mean())
+    assert torch.allclose(loss.weight(warped, target)[0, 0], w)
+    out = loss([Direction(warped, target, None)], None, field)
+    assert out["data"].item() == pytest.approx((r ** 2).mean().item(), rel=1e-6)
+    assert out["grad"].item() == pytest.approx(GradientL2Loss()(w * field).item(), rel=1e-6)
+    out["total"].backward()
+    assert torch.allclose(warped.grad, 2 * r[None, None] / 4)  # the weight is detached: only the data term's gradient
+
+
+def test_adareg_config_trains(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.trainer import loss_terms
+
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / "configs/baseline_adareg.yaml")],
+        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), image_size=[32, 32], num_train_pairs=4, num_val_pairs=2, epoch_length=2,
+        batch_size=2, epochs=1, motion_warmup_epochs=1, scoring_warmup_epochs=0, num_workers=0,
+        **{"train#handler#progress_bar#_disabled_": True},
+    )
+    workflow.initialize()
+    assert workflow.parser.get_parsed_content("network").int_downsize == 1
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.run()
+    terms = loss_terms(trainer.state.output)
+    assert math.isfinite(terms["loss_displacement"]) and terms["loss_data"] > 0

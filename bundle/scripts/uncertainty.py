@@ -73,3 +73,30 @@ class NLLVarianceLoss(nn.Module):
         total = torch.stack(terms).mean()
         zero = torch.zeros((), device=total.device)
         return {"total": total, "ucs": total, "reg": zero, "smooth": zero}
+
+
+class AdaRegDisplacementLoss(nn.Module):
+    """The AdaReg baseline (Table 1; method doc §10.5): plain data term, and the smoothness penalty on the field
+    multiplied per pixel by w = exp(-c |r| mean|r|) before the gradient loss, r the forward residual (detached: a
+    weight), mean over the image, c = 50 (the reference's ``--c 50``, with ``--int-downsize 1`` so that the field and
+    the residual share a grid; a coarser field gets w resized to it)."""
+
+    def __init__(self, similarity: PixelwiseDissimilarity, regularization: nn.Module, lam: float = 0.01,
+                 c: float = 50.0) -> None:
+        super().__init__()
+        self.similarity, self.regularization, self.lam, self.c = similarity, regularization, float(lam), float(c)
+
+    def weight(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        residual = (warped - target).detach().abs()
+        return torch.exp(-self.c * residual * residual.flatten(1).mean(1).view(-1, 1, 1, 1))
+
+    def forward(self, directions: Sequence[Direction], mask: torch.Tensor | None,
+                regularized_field: torch.Tensor) -> dict[str, torch.Tensor]:
+        data = torch.stack([
+            (self.similarity(d.warped, d.target) * (mask if mask is not None else 1.0)).mean() for d in directions
+        ]).mean()
+        w = self.weight(directions[0].warped, directions[0].target)
+        if w.shape[2:] != regularized_field.shape[2:]:
+            w = torch.nn.functional.interpolate(w, size=regularized_field.shape[2:], mode="bilinear", align_corners=True)
+        smoothness = self.regularization(w * regularized_field)
+        return {"total": data + self.lam * smoothness, "data": data, "grad": smoothness}
