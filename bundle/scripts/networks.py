@@ -83,6 +83,8 @@ class DiffeomorphicVoxelMorph(nn.Module):
         bidirectional: return the inverse field during training (the paper trains both directions).
         channels, final_conv_channels: MONAI ``VoxelMorphUNet`` features (default: the paper's vxm-1).
         head_init_std: std of the normal init of the flow head (VoxelMorph: 1e-5), bias zero.
+        unet: another backbone ``(B, 2, H, W) -> (B, 2, H, W)`` predicting the velocity (or, with ``int_steps`` 0, the
+            displacement) in the UNet's place, e.g. :class:`~scripts.transmorph.TransMorph2D`'s Swin network.
     """
 
     def __init__(
@@ -93,11 +95,14 @@ class DiffeomorphicVoxelMorph(nn.Module):
         channels: Sequence[int] = VXM1_CHANNELS,
         final_conv_channels: Sequence[int] = VXM1_FINAL_CHANNELS,
         head_init_std: float = 1e-5,
+        unet: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.unet = _vxm1_unet(2, 2, channels, final_conv_channels)
-        nn.init.normal_(_head(self.unet).weight, mean=0.0, std=head_init_std)
-        nn.init.zeros_(_head(self.unet).bias)
+        if unet is None:  # the paper's VoxelMorph UNet; another backbone (``unet``) brings its own head init
+            unet = _vxm1_unet(2, 2, channels, final_conv_channels)
+            nn.init.normal_(_head(unet).weight, mean=0.0, std=head_init_std)
+            nn.init.zeros_(_head(unet).bias)
+        self.unet = unet
         self.int_steps = int_steps
         self.int_downsize = int_downsize
         self.bidirectional = bidirectional
