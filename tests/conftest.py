@@ -93,3 +93,21 @@ def write_ring_pairs(out: Path, sections: list[str], empty_es: tuple[int, ...] =
         content[section].append(common.write_pair(pair, out))
     (out / "datalist.json").write_text(json.dumps(content))
     return out
+
+
+def tiny_training(configs, tmp_path: Path, **overrides):
+    """``train.yaml`` plus the override ``configs`` (names in ``bundle/configs``) as an initialised ``ConfigWorkflow``
+    on a tiny phantom: 32 x 32, 4 training and 2 validation pairs, one epoch of 2 displacement micro-steps, no
+    progress bar, outputs in ``tmp_path``; ``overrides`` change any config entry."""
+    from monai.bundle import ConfigWorkflow
+
+    settings = {"image_size": [32, 32], "num_train_pairs": 4, "num_val_pairs": 2, "epoch_length": 2, "batch_size": 2,
+                "epochs": 1, "motion_warmup_epochs": 1, "scoring_warmup_epochs": 0, "num_workers": 0,
+                "train#handler#progress_bar#_disabled_": True, **overrides}
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs" / "train.yaml"), *(str(BUNDLE / "configs" / c) for c in configs)],
+        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), **settings,
+    )
+    workflow.initialize()
+    return workflow

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.losses import GlobalMutualInformationLoss
 
-from conftest import BUNDLE
+from conftest import tiny_training
 from scripts.similarity import LocalNCC, MutualInformation, TukeyBiweight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,16 +58,7 @@ def test_tukey_biweight_by_hand():
 
 @pytest.mark.parametrize("name", ["ncc", "mi", "mae", "tukey"])
 def test_each_data_term_config_trains_a_few_steps(name, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / f"configs/similarity_{name}.yaml")],
-        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), image_size=[32, 32], num_train_pairs=4, num_val_pairs=2, epoch_length=2,
-        batch_size=2, epochs=1, motion_warmup_epochs=1, scoring_warmup_epochs=0, num_workers=0,
-        **{"train#handler#progress_bar#_disabled_": True},
-    )
-    workflow.initialize()
+    workflow = tiny_training([f"similarity_{name}.yaml"], tmp_path)
     assert workflow.parser.get_parsed_content("use_scoring") is False
     trainer = workflow.parser.get_parsed_content("train#trainer")
     trainer.run()
@@ -80,18 +71,9 @@ def test_each_data_term_config_trains_a_few_steps(name, tmp_path):
 
 def test_the_no_smoothness_ablation_trains_adacs_with_a_zero_smoothness_weight(tmp_path):
     """Table 3's "L_smooth off" row (issue 30 item 4): the joint phase runs with L_smooth's weight exactly 0."""
-    from monai.bundle import ConfigWorkflow
-
     from scripts.trainer import loss_terms
 
-    workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / "configs/ablation_no_smooth.yaml")],
-        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), image_size=[32, 32], num_train_pairs=4, num_val_pairs=2, epoch_length=2,
-        batch_size=2, epochs=1, motion_warmup_epochs=0, scoring_warmup_epochs=0, num_workers=0,
-        **{"train#handler#progress_bar#_disabled_": True},
-    )
-    workflow.initialize()
+    workflow = tiny_training(["ablation_no_smooth.yaml"], tmp_path, motion_warmup_epochs=0)
     trainer = workflow.parser.get_parsed_content("train#trainer")
     trainer.run()
     terms = loss_terms(trainer.state.output)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE
+from conftest import tiny_training
 from scripts.networks import registration_fields
 from scripts.transmorph import TransMorph2D
 
@@ -31,19 +31,11 @@ def test_maps_a_pair_to_a_field_of_its_size_near_the_identity_at_start():
 @pytest.mark.parametrize("use_scoring", [False, True], ids=["mse", "adacs"])
 def test_trains_on_the_phantom_with_its_loss_decreasing(use_scoring, tmp_path):
     from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
-
     from scripts.trainer import loss_terms
 
-    workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / "configs/backbone_transmorph.yaml")],
-        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), image_size=[64, 64], num_train_pairs=2, num_val_pairs=2, epoch_length=12,
-        batch_size=2, accumulation_steps=1, epochs=1, motion_warmup_epochs=0 if use_scoring else 1,
-        scoring_warmup_epochs=0, num_workers=0, use_scoring=use_scoring,
-        **{"train#handler#progress_bar#_disabled_": True},
-    )
-    workflow.initialize()
+    workflow = tiny_training(["backbone_transmorph.yaml"], tmp_path, image_size=[64, 64], num_train_pairs=2,
+                             epoch_length=12, accumulation_steps=1, motion_warmup_epochs=0 if use_scoring else 1,
+                             use_scoring=use_scoring)
     assert isinstance(workflow.parser.get_parsed_content("network"), TransMorph2D)
     trainer = workflow.parser.get_parsed_content("train#trainer")
     data = []

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import BUNDLE
+from conftest import tiny_training
 from scripts.losses import Direction, DisplacementLoss, GradientL2Loss
 from scripts.uncertainty import LogVarianceNet, NLLVarianceLoss, NLLWeight
 
@@ -59,18 +59,9 @@ def test_log_variance_net_is_linear_and_bounded():
 
 @pytest.mark.parametrize("name", ["nll", "beta_nll"])
 def test_each_baseline_config_trains_both_networks(name, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
     from scripts.trainer import loss_terms
 
-    workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / f"configs/baseline_{name}.yaml")],
-        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), image_size=[32, 32], num_train_pairs=4, num_val_pairs=2, epoch_length=2,
-        batch_size=2, epochs=1, motion_warmup_epochs=0, scoring_warmup_epochs=0, num_workers=0,
-        **{"train#handler#progress_bar#_disabled_": True},
-    )
-    workflow.initialize()
+    workflow = tiny_training([f"baseline_{name}.yaml"], tmp_path, motion_warmup_epochs=0)
     variance = workflow.parser.get_parsed_content("scoring_network")
     before = [p.detach().clone() for p in variance.parameters()]
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -100,18 +91,9 @@ def test_adareg_weight_by_hand_and_it_only_scales_the_smoothness():
 
 
 def test_adareg_config_trains(tmp_path):
-    from monai.bundle import ConfigWorkflow
-
     from scripts.trainer import loss_terms
 
-    workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE / "configs/train.yaml"), str(BUNDLE / "configs/baseline_adareg.yaml")],
-        workflow_type="train", logging_file=False, bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), image_size=[32, 32], num_train_pairs=4, num_val_pairs=2, epoch_length=2,
-        batch_size=2, epochs=1, motion_warmup_epochs=1, scoring_warmup_epochs=0, num_workers=0,
-        **{"train#handler#progress_bar#_disabled_": True},
-    )
-    workflow.initialize()
+    workflow = tiny_training(["baseline_adareg.yaml"], tmp_path)
     assert workflow.parser.get_parsed_content("network").int_downsize == 1
     trainer = workflow.parser.get_parsed_content("train#trainer")
     trainer.run()
