@@ -92,6 +92,14 @@ def find_pairs(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     return pairs
 
 
+def read_json_datalist(path: Path) -> Any:
+    """The parsed content of a datalist file; ``DatasetError`` naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"{path}: not a readable JSON datalist ({error}).") from None
+
+
 def load_datalist_json(path: str | os.PathLike, section: str, base_dir: str | os.PathLike | None = None) -> list[dict]:
     """Items of ``section`` in a datalist JSON, with paths made absolute against ``base_dir`` (default: its folder).
 
@@ -102,10 +110,7 @@ def load_datalist_json(path: str | os.PathLike, section: str, base_dir: str | os
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: datalist file does not exist.")
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{path}: not a readable JSON datalist ({error}).") from None
+    content = read_json_datalist(path)
     if not isinstance(content, dict):
         raise DatasetError(
             f"{path}: the datalist must be a JSON object with 'training', 'validation' and 'testing' sections, "

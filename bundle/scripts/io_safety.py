@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .data import DatasetError
+from .data import DatasetError, read_json_datalist
 
 logger = logging.getLogger(__name__)
 
@@ -348,10 +348,7 @@ def read_datalist(
     problem = input_file_problem(str(path))
     if problem:
         raise DatasetError(f"{path}: datalist {problem}.")
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{path}: not a readable JSON datalist ({error}).") from None
+    content = read_json_datalist(path)
     if not isinstance(content, dict):
         raise DatasetError(f"{path}: the top level is a JSON {_json_type(content)}; expected an object with a "
                            f"'{section}' section ({{\"{section}\": [{{...}}, ...]}}).")
