@@ -27,6 +27,7 @@ import_bundle()
 from scripts.networks import DiffeomorphicVoxelMorph, ScoringNet  # noqa: E402
 from scripts.phantom import cardiac_phantom_pair  # noqa: E402
 from scripts.refinement import InstanceRefiner  # noqa: E402
+from scripts.registration_io import minmax_resize  # noqa: E402
 
 
 def _timed(run) -> float:
@@ -38,10 +39,9 @@ def _timed(run) -> float:
 def phantom_batch(count: int) -> tuple[torch.Tensor, list[dict]]:
     pairs = [cardiac_phantom_pair(100000 + i) for i in range(count)]
 
-    def scaled(key: str) -> torch.Tensor:
-        x = torch.as_tensor(np.stack([p[key] for p in pairs])).float()
-        low, high = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
-        return (x - low) / (high - low)
+    def scaled(key: str) -> torch.Tensor:  # min-max per image, as the bundle's preprocessing
+        images = torch.as_tensor(np.stack([p[key] for p in pairs])).float()
+        return minmax_resize(images, images.shape[2:])
 
     return torch.cat([scaled("moving"), scaled("fixed")], 1), pairs
 

@@ -22,8 +22,6 @@ Ours: MONAI has no instance optimisation of a registration network's output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
-
 import torch
 from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
@@ -112,25 +110,24 @@ class InstanceRefiner:
     def __call__(self, network: torch.nn.Module, image: torch.Tensor) -> Refined:
         """``image``: ``(B, 2, h, w)`` network-grid pairs (moving, fixed). Returns the refined forward fields."""
         core = network.module if hasattr(network, "module") else network
-        with torch.no_grad():
-            network_ddf = network(image)
+        diffeomorphic = isinstance(core, DiffeomorphicVoxelMorph) and core.integrate is not None
+        with torch.no_grad():  # the network's own fields, computed as its forward does, from one UNet pass
+            if diffeomorphic:
+                start = resize_field(core.unet(image), 1.0 / core.int_downsize)
+                network_ddf, network_backward = core._velocity_to_ddf(start), core._velocity_to_ddf(-start)
+            else:
+                start = network_ddf = network(image)
+                network_backward = None
             start_folding = folding_percentage(network_ddf).flatten().tolist()
         batch = image.shape[0]
         if not self.active:
-            backward = None
-            if isinstance(core, DiffeomorphicVoxelMorph) and core.integrate is not None:
-                with torch.no_grad():
-                    backward = network(image, return_fields=True).backward_ddf
-            return Refined(network_ddf, start_folding, start_folding, [0] * batch, [""] * batch, backward)
+            return Refined(network_ddf, start_folding, start_folding, [0] * batch, [""] * batch, network_backward)
         moving, fixed = image[:, :1], image[:, 1:2]
         score = None
         if self.score_weighted:
             with torch.no_grad():
                 self.scoring_network.eval()
                 score = self.scoring_network(fixed)
-        diffeomorphic = isinstance(core, DiffeomorphicVoxelMorph) and core.integrate is not None
-        with torch.no_grad():
-            start = resize_field(core.unet(image), 1.0 / core.int_downsize) if diffeomorphic else network_ddf
         to_ddf = core._velocity_to_ddf if diffeomorphic else (lambda v: v)
         regularization = self.regularization or GradientL2Loss(loss_mult=core.int_downsize if diffeomorphic else 1)
         variable = start.clone().requires_grad_(True)
@@ -180,13 +177,3 @@ def refiner_from_settings(
         if scoring_ckpt_path:
             load_weights(scoring, scoring_ckpt_path, "scoring network (refinement)", torch.device(device))
     return InstanceRefiner(steps, learning_rate, lam, regularization, similarity, weighted, scoring, max_folding_pct)
-
-
-def refine_batch(refiner: InstanceRefiner | None, network: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """The network's field, refined when ``refiner`` is active (what the registration paths call)."""
-    if refiner is None or not refiner.active:
-        return network(image)
-    return refiner(network, image).ddf
-
-
-__all__: Sequence[str] = ("InstanceRefiner", "Refined", "refine_batch", "refiner_from_settings", "SIMILARITIES")
