@@ -1,4 +1,4 @@
-"""The NLL and beta-NLL baselines (issue 30 item 2) as a mode of the AdaCS trainer: losses by hand, what is
+"""The NLL, beta-NLL, AdaReg and AdaFrame baselines (issue 30 item 2) on the AdaCS trainer: losses by hand, what is
 detached, and a few training steps through their configs."""
 
 from __future__ import annotations
@@ -99,3 +99,82 @@ def test_adareg_config_trains(tmp_path):
     trainer.run()
     terms = loss_terms(trainer.state.output)
     assert math.isfinite(terms["loss_displacement"]) and terms["loss_data"] > 0
+
+
+# AdaFrame: w = 1 - sigmoid(a0 |r| / mean|r| - b0 (1 - cos(pi mean|r|))), mean|r| per pair over the mask.
+ADAFRAME_R = [[0.02, 0.0, 0.06, 0.5], [0.01, 0.03, 0.05, 0.11]]  # |r| of two pairs (2 x 2 images, row-major)
+ADAFRAME_MASK = [[1, 1, 1, 0], [1, 1, 1, 1]]  # pair 0's last pixel is background: mean|r| = 0.08 / 3, pair 1's 0.05
+# a0 = 1, b0 = 250, by numpy: b = 0.8768 (pair 0), 3.0779 (pair 1)
+ADAFRAME_W = [[0.531653907, 0.706155590, 0.202100942, 1.72886637e-08], [0.94674383, 0.92257899, 0.88873802, 0.70638994]]
+
+
+def _adaframe_pairs(requires_grad=False):
+    warped = torch.tensor(ADAFRAME_R).view(2, 1, 2, 2).requires_grad_(requires_grad)
+    return warped, torch.zeros(2, 1, 2, 2), torch.tensor(ADAFRAME_MASK, dtype=torch.float32).view(2, 1, 2, 2)
+
+
+def _adaframe_weight_by_hand(residuals, mask, a0, b0):
+    mean = sum(r for r, m in zip(residuals, mask) if m) / sum(mask)
+    b = b0 * (1 - math.cos(math.pi * mean))
+    return [1 - 1 / (1 + math.exp(-(a0 * r / mean - b))) for r in residuals]
+
+
+def test_adaframe_weight_by_hand():
+    from scripts.uncertainty import AdaFrameDisplacementLoss
+
+    warped, target, mask = _adaframe_pairs()
+    w = AdaFrameDisplacementLoss(MSE, GradientL2Loss(), a0=1.0, b0=250.0).weight(warped, target, mask)
+    assert torch.allclose(w.flatten(1), torch.tensor(ADAFRAME_W), rtol=1e-5, atol=1e-9)
+    for a0, b0 in [(1.0, 250.0), (2.0, 40.0)]:  # the formula in scalars, per pair
+        w = AdaFrameDisplacementLoss(MSE, GradientL2Loss(), a0=a0, b0=b0).weight(warped, target, mask).flatten(1)
+        for i in range(2):
+            assert w[i].tolist() == pytest.approx(_adaframe_weight_by_hand(ADAFRAME_R[i], ADAFRAME_MASK[i], a0, b0),
+                                                  rel=1e-5, abs=1e-9)
+    # b0 = 0: w = 1 - sigmoid(|r| / mean|r|): 1/2 at r = 0, 1/(1 + e) at r = mean|r| (no mask: pair 1's mean is 0.05)
+    w = AdaFrameDisplacementLoss(MSE, GradientL2Loss(), a0=1.0, b0=0.0).weight(
+        torch.tensor([[[[0.0, 0.05], [0.1, 0.05]]]]), torch.zeros(1, 1, 2, 2))
+    assert w.flatten().tolist() == pytest.approx([0.5, 1 / (1 + math.e), 1 / (1 + math.e ** 2), 1 / (1 + math.e)])
+
+
+def test_adaframe_weights_the_data_term_detached_each_direction_its_own():
+    from scripts.uncertainty import AdaFrameDisplacementLoss
+
+    warped, target, mask = _adaframe_pairs(requires_grad=True)
+    w, r, m = torch.tensor(ADAFRAME_W), torch.tensor(ADAFRAME_R), torch.tensor(ADAFRAME_MASK, dtype=torch.float32)
+    loss = AdaFrameDisplacementLoss(MSE, GradientL2Loss(), lam=0.0)
+    out = loss([Direction(warped, target, None)], mask, torch.zeros(2, 2, 2, 2))
+    assert out["data"].item() == pytest.approx((m * w * r ** 2).sum().item() / 8, rel=1e-5)  # mean over all 8 pixels
+    assert not loss.weight(warped, target, mask).requires_grad
+    out["total"].backward()
+    # the weight is a constant: d/d warped = 2 M w r / 8 (a live weight would add M r^2 dw/dr, nonzero here)
+    assert torch.allclose(warped.grad.flatten(1), 2 * m * w * r / 8, rtol=1e-5, atol=1e-10)
+
+    # bidirectional: the second direction (residual x 0.5: mean|r| halves, b changes) gets its own weights
+    other = (0.5 * torch.tensor(ADAFRAME_R)).view(2, 1, 2, 2).requires_grad_(True)
+    w2 = torch.tensor([_adaframe_weight_by_hand([0.5 * x for x in ADAFRAME_R[i]], ADAFRAME_MASK[i], 1.0, 250.0)
+                       for i in range(2)])
+    both = loss([Direction(warped, target, None), Direction(other, target, None)], mask, torch.zeros(2, 2, 2, 2))
+    expected = ((m * w * r ** 2).sum() / 8 + (m * w2 * (0.5 * r) ** 2).sum() / 8) / 2
+    assert both["data"].item() == pytest.approx(expected.item(), rel=1e-5)
+    field = torch.zeros(2, 2, 2, 2)
+    field[0, 0, 0, 1] = 1.0
+    smooth = AdaFrameDisplacementLoss(MSE, GradientL2Loss(), lam=0.1)([Direction(warped, target, None)], mask, field)
+    assert smooth["grad"].item() == pytest.approx(GradientL2Loss()(field).item())  # the field's penalty is unweighted
+    assert smooth["total"].item() == pytest.approx(out["data"].item() + 0.1 * smooth["grad"].item(), rel=1e-6)
+
+
+def test_adaframe_config_trains(tmp_path):
+    from scripts.trainer import loss_terms
+    from scripts.uncertainty import AdaFrameDisplacementLoss
+
+    workflow = tiny_training(["baseline_adaframe.yaml"], tmp_path, epoch_length=4)
+    loss = workflow.parser.get_parsed_content("displacement_loss")
+    assert isinstance(loss, AdaFrameDisplacementLoss) and (loss.a0, loss.b0) == (1.0, 250.0)
+    assert workflow.parser.get_parsed_content("use_scoring") is False
+    network = workflow.parser.get_parsed_content("network")
+    before = [p.detach().clone() for p in network.parameters()]
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.run()
+    terms = loss_terms(trainer.state.output)
+    assert math.isfinite(terms["loss_displacement"]) and terms["loss_data"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters()))  # the displacement net trained
