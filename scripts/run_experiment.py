@@ -102,14 +102,16 @@ class Plan:
     threads: int
     force: bool = False
     score_headroom: float | None = None
+    extra_configs: tuple[str, ...] = ()   # override configs after the dataset's (a backbone, a baseline), bundle-relative
 
 
 class RunFailed(RuntimeError):
     """A training or evaluation command exited with an error."""
 
 
-def _bundle_command(plan: Plan, run_dir: Path, seed: int, *args: str) -> list[str]:
-    configs = f"['configs/train.yaml','{plan.dataset_config}']"
+def bundle_command(plan: Plan, run_dir: Path, seed: int, *args: str) -> list[str]:
+    """A training of ``train.yaml`` + the dataset's and the plan's override configs, outputs in ``run_dir``."""
+    configs = "[" + ",".join(f"'{name}'" for name in ("configs/train.yaml", plan.dataset_config, *plan.extra_configs)) + "]"
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
             "--dataset_dir", str(plan.dataset_dir), "--ckpt_dir", str((run_dir / "models").resolve()),
             "--output_dir", str((run_dir / "eval").resolve()), "--learning_rate", str(plan.lr),
@@ -119,7 +121,7 @@ def _bundle_command(plan: Plan, run_dir: Path, seed: int, *args: str) -> list[st
 def baseline_command(plan: Plan, run_dir: Path, seed: int) -> list[str]:
     """VoxelMorph-MSE: scoring off, as many displacement epochs as AdaCS, every epoch's checkpoint kept."""
     epochs = plan.motion_warmup + plan.joint
-    return _bundle_command(plan, run_dir, seed, "--use_scoring", "false", "--epochs", str(epochs),
+    return bundle_command(plan, run_dir, seed, "--use_scoring", "false", "--epochs", str(epochs),
                            "--motion_warmup_epochs", str(epochs), "--scoring_warmup_epochs", "0",
                            "--keep_checkpoints", "null")
 
@@ -138,7 +140,7 @@ def adacs_command(plan: Plan, run_dir: Path, seed: int, baseline_dir: Path) -> l
         args += ["--alpha", str(plan.alpha)]
     if plan.score_headroom is not None:
         args += ["--score_headroom", str(plan.score_headroom)]
-    return _bundle_command(plan, run_dir, seed, *args)
+    return bundle_command(plan, run_dir, seed, *args)
 
 
 def shell_script(plan: Plan, command: list[str]) -> str:

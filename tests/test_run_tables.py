@@ -1,0 +1,160 @@
+"""scripts/run_tables.py: every row of the paper's Tables 1, 3 and 4 is a configuration of this bundle trained at one
+budget; two-network rows branch off their backbone's MSE run; the paper's numbers are those of the method doc; the
+tables are rebuilt from finished rows (pooling seeds) and a tiny table runs end to end and resumes row by row."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import BUNDLE, REPO, load_repo_script, write_ring_pairs
+
+load_repo_script("run_experiment")
+tables = load_repo_script("run_tables")
+SPEC = tables.load_rows_file()
+METHOD_DOC = REPO.parent / "shared" / "docs" / "adacs-method.md"
+
+
+def _options(command: list[str]) -> dict[str, str]:
+    return {command[i][2:]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
+
+
+def test_every_row_is_a_config_of_the_bundle():
+    for backbone in SPEC["backbones"].values():
+        for config in backbone["configs"]:
+            assert (BUNDLE / config).is_file(), config
+    for name, method in SPEC["methods"].items():
+        assert method["kind"] in ("single", "branched"), name
+        for config in method.get("configs", []):
+            assert (BUNDLE / config).is_file(), config
+    rows = {f"{b}/{m}" for b in SPEC["backbones"] for t in SPEC["tables"].values() for m in t["methods"]}
+    assert len(rows) == 33  # 3 backbones x (6 of Table 1 + the ablation + 4 data terms)
+    for dataset in ("acdc", "camus"):
+        assert rows | {"undeformed", "elastix"} == set(SPEC["paper"][dataset])
+
+
+@pytest.mark.skipif(not METHOD_DOC.is_file(), reason="../shared/docs/adacs-method.md is absent (a fresh clone)")
+def test_paper_numbers_are_those_of_the_method_doc():
+    text = METHOD_DOC.read_text()
+    section = lambda start, end: text[text.index(start):text.index(end)]  # noqa: E731
+    numbers = lambda line: [float(x) for x in re.findall(r"\d+\.\d+", line)]  # noqa: E731
+    main = [numbers(line) for line in section("### 10.1", "### 10.2").splitlines() if line.startswith("|")]
+    main = [row for row in main if len(row) == 6]
+    order = [("undeformed",), ("elastix",)] + [(f"{b}/{m}",) for b in ("vxm", "tsm", "dfm")
+                                               for m in ("mse", "nll", "beta_nll", "adaframe", "adareg", "adacs")]
+    assert len(main) == len(order)
+    for (key,), row in zip(order, main):
+        assert SPEC["paper"]["acdc"][key] == row[:3] and SPEC["paper"]["camus"][key] == row[3:], key
+    ablation = [numbers(line) for line in section("### 10.3", "### 10.4").splitlines() if "| off |" in line]
+    for backbone, row in zip(("vxm", "tsm", "dfm"), ablation):
+        assert SPEC["paper"]["acdc"][f"{backbone}/adacs_no_smooth"] == row[:3]
+        assert SPEC["paper"]["camus"][f"{backbone}/adacs_no_smooth"] == row[3:]
+    terms = [line for line in section("### 10.4", "### 10.5").splitlines() if re.match(r"\| (vxm|tsm|dfm) ", line)]
+    assert len(terms) == 6
+    for line in terms:
+        backbone, dataset = line.split("|")[1].split()
+        values = numbers(line)
+        for i, method in enumerate(("ncc", "mi", "tukey", "mae", "mse", "adacs")):
+            assert SPEC["paper"][dataset.lower()][f"{backbone}/{method}"] == values[3 * i:3 * i + 3], (line, method)
+    extra = [numbers(line) for line in section("### 10.2", "### 10.3").splitlines() if line.startswith("| ")][1:]
+    for key, row in zip([f"{b}/{m}" for b in ("vxm", "tsm", "dfm") for m in ("mse", "adacs")], extra):
+        assert SPEC["paper_extra"]["acdc"][key] == row[1:4] and SPEC["paper_extra"]["camus"][key] == row[5:8], key
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path) -> Path:
+    return write_ring_pairs(tmp_path / "prepared", ["training"] * 4 + ["validation"] * 2 + ["testing"] * 3)
+
+
+def test_every_row_gets_the_same_displacement_budget(prepared: Path, tmp_path: Path):
+    args = tables.parse_args(["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(tmp_path / "t")])
+    plan = tables.make_plan(args)
+    rows = tables.make_rows(SPEC, list(SPEC["backbones"]), list(SPEC["methods"]), [0])
+    assert len(rows) == 33
+    seen = set()
+    for row in rows:
+        options = _options(tables.training_command(plan, row, args.out))
+        assert options["learning_rate"] == "0.001" and options["seed"] == "0"
+        configs = options["config_file"]
+        assert all(f"'{c}'" in configs for c in row.configs)
+        if row.branched:  # resumes its backbone's MSE run at the end of the motion-only warm-up, which runs first
+            assert f"{row.backbone}/mse" in seen
+            assert options["resume_checkpoint"].endswith(f"{row.backbone}/mse/seed0/models/checkpoint_epoch=6.pt")
+            displacement_epochs = int(options["epochs"]) - int(options["scoring_warmup_epochs"])
+            assert options["alpha"] == "0.01"
+        else:
+            assert options["use_scoring"] == "false" and options["motion_warmup_epochs"] == options["epochs"]
+            displacement_epochs = int(options["epochs"])
+        assert displacement_epochs == 10, row
+        seen.add(row.key)
+
+
+def test_step_time_is_the_median_training_epoch(tmp_path: Path):
+    log = tmp_path / "train.log"
+    lines = [f"x - ignite.engine.engine.AdaCSTrainer - INFO - Epoch[{e}] Complete. Time taken: 00:0{m}:{s}"
+             for e, m, s in ((1, 1, "40.0"), (2, 0, "50.0"), (3, 1, "00.0"), (4, 2, "00.0"))]
+    log.write_text("\n".join(lines + ["x - RegistrationEvaluator - INFO - Epoch[9] Complete. Time taken: 00:09:00.0"]))
+    assert tables.seconds_per_step(log, 1, 100) == pytest.approx(0.8)  # median of 100, 50, 60, 120 s
+    assert tables.seconds_per_step(log, 3, 100) == pytest.approx(0.9)  # the joint epochs only
+
+
+def _finished(out: Path, key: str, seed: int, dice: float, step: float = 0.5) -> None:
+    backbone, method = key.split("/")
+    folder = out / backbone / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    metric = lambda mean: {"mean": mean, "std": 1.0, "n": 9}  # noqa: E731
+    (folder / "row.json").write_text(json.dumps({
+        "row": key, "backbone": backbone, "method": method, "seed": seed, "dice": metric(dice), "hd": metric(5.0),
+        "asd": metric(1.2), "folding": metric(0.0), "seconds_per_step": step, "training_seconds": 600}))
+
+
+def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs(tmp_path: Path):
+    out = tmp_path / "t"
+    _finished(out, "vxm/mse", 0, 80.0)
+    _finished(out, "vxm/mse", 1, 82.0, step=0.7)
+    _finished(out, "vxm/adacs", 0, 79.0)
+    report = tmp_path / "report.md"
+    tables.write_tables(SPEC, "acdc", out, "a stated budget", report)
+    text = (out / "tables.md").read_text()
+    assert report.read_text() == text and "a stated budget" in text
+    assert "| VoxelMorph | MSE | 81.00 ± 1.00 | 5.00 | 1.20 | 0.000 | 0.60 | 2 | 79.48 | 4.79 | 1.27 | 0.29 | 0.26 |" in text
+    assert "| VoxelMorph | AdaCS | 79.00 ± 1.00 |" in text
+    assert "| TransMorph | NLL | – | – | – | – | – | 0 | 73.12 | 7.22 | 1.27 | – | – |" in text
+    assert "**different best: ours MSE, the paper's AdaCS**" in text
+    assert text.count("## Table") == 3
+    csv_text = (out / "tables.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("row,") and "vxm/mse" in csv_text and "80.0,82.0" in csv_text
+
+
+def test_a_missing_config_fails_its_rows_and_the_others_finish(prepared: Path, tmp_path: Path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setitem(SPEC["backbones"], "tsm", {"name": "TransMorph", "configs": ["configs/backbone_absent.yaml"]})
+    monkeypatch.setattr(tables, "load_rows_file", lambda path=None: SPEC)
+    monkeypatch.setattr(tables, "run_row", lambda plan, row, out, steps, dependency: ran.append(row.key) or _finished(
+        out, row.key, row.seed, 80.0) or json.loads((row.folder(out) / "row.json").read_text()))
+    code = tables.main(["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(tmp_path / "t"),
+                        "--backbones", "vxm", "tsm", "--methods", "mse", "--no-reference"])
+    assert code == 1 and ran == ["vxm/mse"]
+    assert "tsm/mse seed 0: configs/backbone_absent.yaml does not exist" in capsys.readouterr().err
+
+
+def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
+    out = tmp_path / "t"
+    argv = ["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(out), "--backbones", "vxm",
+            "--methods", "mse", "adacs", "--motion-warmup", "1", "--scoring-warmup", "1", "--joint", "1",
+            "--no-reference", "--bundle-arg", "epoch_length=2", "--bundle-arg", "batch_size=2",
+            "--bundle-arg", "image_size=[32,32]", "--bundle-arg", "train#handler#progress_bar#_disabled_=true"]
+    assert tables.main(argv) == 0, [p.read_text()[-3000:] for p in out.glob("*/*/seed0/*.log")]
+    for method in ("mse", "adacs"):
+        result = json.loads((out / "vxm" / method / "seed0" / "row.json").read_text())
+        assert result["dice"]["n"] == 3 and 0 <= result["dice"]["mean"] <= 100
+        assert result["seconds_per_step"] > 0
+    assert "checkpoint_epoch=1.pt" in (out / "vxm" / "adacs" / "seed0" / "cmd.sh").read_text()
+    text = (out / "tables.md").read_text()
+    assert "| VoxelMorph | AdaCS | " in text and "| VoxelMorph | AdaCS, L_smooth off | – |" in text
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/train.log")}
+    assert len(logs) == 2 and tables.main(argv) == 0
+    assert logs == {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/train.log")}  # finished rows are kept
