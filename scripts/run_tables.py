@@ -237,8 +237,12 @@ def write_tables(spec: dict, dataset: str, out: Path, budget: str, report: Path 
     header = ("| Backbone | Method | DSC | HD px | ASD px | folding % | s/step | seeds | paper DSC | paper HD | paper ASD "
               "| paper folding % | paper s/step |")
     lines = [f"# The paper's tables on {dataset.upper()}: our rows beside the paper's", "",
+             f"Filled by `python scripts/run_tables.py --dataset {dataset} --dataset-dir <prepared> --out <folder>` "
+             "(in one sitting or several: `--backbones`, `--methods` and `--seeds` choose the rows; finished rows are "
+             "kept; each row's exact commands are in its folder's `cmd.sh` and `evaluate.sh`).", "",
              f"Budget: {budget}. Ours: mean ± std over test slices (mean over seeds when several; `seeds` says how "
-             "many), myocardium at ES, paper protocol; `–`: not run yet or not reported.", ""]
+             "many), myocardium at ES, paper protocol; `–`: not run yet or not reported. s/step: seconds per training "
+             "micro-step of 4 pairs (the paper's T_train), measured while other rows trained beside it.", ""]
     csv_rows = []
     for table in spec["tables"].values():
         lines += [f"## {table['title']}", "", header, "|" + "---|" * 13]
