@@ -3,9 +3,10 @@
     python scripts/benchmark_backbones.py [--size 128] [--batch 4] [--repeats 10] [--out DIR]
 
 Per backbone (the configs' ``network_def``): parameters; the MSE training micro-step (forward of both directions,
-the displacement loss with the training's smoothness term, backward, Adam step; micro-batch ``--batch``) and the
-inference time per pair (batch 1, no gradients); each as a median over ``--repeats`` interleaved rounds and as a
-ratio over VoxelMorph's in the same round. Writes ``benchmark_backbones.json`` / ``.md`` into ``--out``.
+the displacement loss with the training's smoothness term plus the network's own term if it has one, DiffuseMorph's
+diffusion loss; backward, Adam step; micro-batch ``--batch``) and the inference time per pair (batch 1, no gradients);
+each as a median over ``--repeats`` interleaved rounds and as a ratio over VoxelMorph's in the same round. Writes
+``benchmark_backbones.json`` / ``.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import torch
 from _bundle import import_bundle
 
 import_bundle()
+from scripts.diffusemorph import DiffuseMorph2D  # noqa: E402
 from scripts.losses import DisplacementLoss, Direction, GradientL2Loss  # noqa: E402
 from scripts.networks import DiffeomorphicVoxelMorph, registration_fields  # noqa: E402
 from scripts.transmorph import TransMorph2D  # noqa: E402
 from monai.networks.blocks import Warp  # noqa: E402
 
-BACKBONES = {"VoxelMorph (vxm-1)": DiffeomorphicVoxelMorph, "TransMorph-2D (Swin, feature 24)": TransMorph2D}
+BACKBONES = {"VoxelMorph (vxm-1)": DiffeomorphicVoxelMorph, "TransMorph-2D (Swin, feature 24)": TransMorph2D,
+             "DiffuseMorph-2D (diffusion 16-32-64-64 + vxm-1, direct field)": DiffuseMorph2D}
 
 
 def _timed(run) -> float:
@@ -44,7 +47,9 @@ def training_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, image:
     directions = [Direction(warp(moving, fields.forward_ddf), fixed, None)]
     if fields.backward_ddf is not None:
         directions.append(Direction(warp(fixed, fields.backward_ddf), moving, None))
-    loss(directions, None, fields.regularized_field)["total"].backward()
+    total = loss(directions, None, fields.regularized_field)["total"]
+    auxiliary = net.auxiliary_loss() if hasattr(net, "auxiliary_loss") else None
+    (total if auxiliary is None else total + auxiliary).backward()
     optimizer.step()
 
 

@@ -26,5 +26,6 @@ def test_benchmark_backbones_reports_every_backbone(tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "benchmark_backbones.json").read_text())["rows"]
-    assert [r["backbone"].split()[0] for r in rows] == ["VoxelMorph", "TransMorph-2D"]
+    assert [r["backbone"].split()[0] for r in rows] == ["VoxelMorph", "TransMorph-2D", "DiffuseMorph-2D"]
     assert rows[0]["train_over_voxelmorph"] == 1.0 and rows[1]["parameters"] == 6_302_564
+    assert rows[2]["parameters"] == 1_145_091

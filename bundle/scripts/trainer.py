@@ -17,6 +17,11 @@ re-runs f_theta with gradients and does not detach the warped image, so dL_ucs/d
 which are cleared only after a displacement step; the leak is added into the next displacement update (and piles up
 over the scoring warm-up until the first joint step).
 
+A displacement network may add a term of its own to L_de: a method ``auxiliary_loss()`` returning the (weighted)
+term of its last training-mode forward, or None (e.g. :class:`~scripts.diffusemorph.DiffuseMorph2D`'s diffusion loss).
+The displacement step adds it and reports it as ``loss_auxiliary`` (:data:`AUXILIARY_LOSS`, NaN in a micro-step that
+skips the displacement step); networks without the method train exactly as before, without that key.
+
 Vocabulary (as MONAI's ``AdversarialTrainer`` with ``AdversarialIterationEvents`` / ``AdversarialKeys``): besides
 MONAI's ``IterationEvents`` the trainer fires :class:`AdaCSIterationEvents` (score maps, displacement step and scoring
 step completed), registered before the handlers attach, so a handler attaches by name; its output dict is keyed by
@@ -51,7 +56,7 @@ class AdaCSKeys(StrEnum):
     Every one is a scalar, NaN in a micro-step whose phase skips that branch:
 
     * ``DISPLACEMENT_LOSS``: L_de, with its ``DATA_LOSS`` (score-weighted dissimilarity) and ``GRAD_LOSS``
-      (smoothness of the field) terms;
+      (smoothness of the field) terms (and :data:`AUXILIARY_LOSS`, outside this enum, for networks that have one);
     * ``SCORING_LOSS``: L_se, with its ``UCS_LOSS``, ``REG_LOSS`` (pull of S to 1) and ``SMOOTH_LOSS`` terms;
     * ``SMOOTHNESS_WEIGHT``: the momentum weight of L_smooth after this micro-step;
     * ``MEAN_SCORE``: the mean of this micro-step's score maps.
@@ -93,6 +98,9 @@ MOTION_TERMS: tuple[str, ...] = (AdaCSKeys.DISPLACEMENT_LOSS, AdaCSKeys.DATA_LOS
 SCORING_TERMS: tuple[str, ...] = (
     AdaCSKeys.SCORING_LOSS, AdaCSKeys.UCS_LOSS, AdaCSKeys.REG_LOSS, AdaCSKeys.SMOOTH_LOSS, AdaCSKeys.MEAN_SCORE
 )
+# the displacement network's own weighted term of L_de (``auxiliary_loss()``), in the output only for networks that
+# have one (so LOSS_TERMS, every other network's output and their logs are unchanged)
+AUXILIARY_LOSS = "loss_auxiliary"
 
 
 class PreparePairBatch:
@@ -111,7 +119,7 @@ class PreparePairBatch:
 def loss_terms(output: Any) -> dict[str, float]:
     """``output_transform`` for Stats/TensorBoard handlers: every loss term and the momentum as floats."""
     item = output[0] if isinstance(output, list) else output
-    return {str(k): float(item[k]) for k in LOSS_TERMS if k in item}
+    return {str(k): float(item[k]) for k in (*LOSS_TERMS, AUXILIARY_LOSS) if k in item}
 
 
 def _switch(value: Any, name: str) -> bool:
@@ -297,6 +305,8 @@ class AdaCSTrainer(Trainer):
         zero_grad, step = engine._accumulation_boundaries()
         output: dict[str, Any] = {Keys.IMAGE: image, Keys.LABEL: fixed, Keys.PRED: None}
         output.update({k: math.nan for k in LOSS_TERMS})
+        if _auxiliary_loss_of(engine.displacement_network) is not None:
+            output[AUXILIARY_LOSS] = math.nan
         engine.state.output = output
 
         bidirectional = _is_bidirectional(engine.displacement_network)
@@ -327,13 +337,19 @@ class AdaCSTrainer(Trainer):
         output[Keys.PRED] = fields.forward_ddf
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         losses = self.displacement_loss(directions, mask, fields.regularized_field)
+        total = losses["total"]
+        auxiliary_loss = _auxiliary_loss_of(self.displacement_network)
+        auxiliary = auxiliary_loss() if auxiliary_loss is not None else None
+        if auxiliary is not None:  # the network's own term of this forward (DiffuseMorph: its diffusion loss)
+            total = total + auxiliary
+            output[AUXILIARY_LOSS] = auxiliary.detach()
         output.update({
-            AdaCSKeys.DISPLACEMENT_LOSS: losses["total"].detach(),
+            AdaCSKeys.DISPLACEMENT_LOSS: total.detach(),
             AdaCSKeys.DATA_LOSS: losses["data"].detach(),
             AdaCSKeys.GRAD_LOSS: losses["grad"].detach(),
         })
         self.fire_event(IterationEvents.LOSS_COMPLETED)
-        losses["total"].backward()
+        total.backward()
         self.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             self.displacement_optimizer.step()
@@ -394,6 +410,13 @@ class AdaCSTrainer(Trainer):
         if self.state.output[Keys.PRED] is None:
             self.state.output[Keys.PRED] = fields.forward_ddf.detach()
         return [Direction(d.warped.detach(), d.target, None) for d in live]
+
+
+def _auxiliary_loss_of(network: torch.nn.Module) -> Callable[[], torch.Tensor | None] | None:
+    """The (possibly DDP-wrapped) displacement network's ``auxiliary_loss`` method, or None if it has none."""
+    core = network.module if hasattr(network, "module") else network
+    method = getattr(core, "auxiliary_loss", None)
+    return method if callable(method) else None
 
 
 def _is_bidirectional(network: torch.nn.Module) -> bool:
