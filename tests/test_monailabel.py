@@ -188,3 +188,75 @@ for steps in ("0", "5"):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == ["LabelPropagationTask 0 None None", "StrainTask 0 None None",
                                           "LabelPropagationTask 5 5 ScoringNet", "StrainTask 5 5 ScoringNet"]
+
+
+@pytest.mark.slow
+def test_app_builds_each_backbone_from_its_conf(tmp_path: Path) -> None:
+    """``--conf network_config backbone_<name>.yaml`` (every ``configs/backbone_*.yaml``): both tasks' network is
+    that backbone with the weights of ``model_path`` (its field equals the eager network's here); a name that is no
+    config stops the app, a grid the backbone cannot take and the inverse field of a one-way backbone are server
+    errors naming the problem (``--conf strain_lagrangian swap``)."""
+    from scripts.inference_engine import network_from_config
+
+    python = _monailabel_python()
+    backbones = sorted(p.name for p in (REPO / "bundle" / "configs").glob("backbone_*.yaml"))
+    image = torch.rand((1, 2, 128, 128), generator=torch.Generator().manual_seed(0))
+    torch.save(image, tmp_path / "image.pt")
+    expected = {}
+    for name in backbones:
+        torch.manual_seed(0)
+        net = network_from_config(name)
+        with torch.no_grad():
+            for parameter in net.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+            expected[name] = net.eval()(image)
+        torch.save(net.state_dict(), tmp_path / f"{name}.pt")
+    probe = f'''
+import sys, torch
+bundle, tmp = {str(REPO / "bundle")!r}, {str(tmp_path)!r}
+sys.path[:0] = [bundle, {str(REPO / "monailabel_app")!r}]
+from monailabel.interfaces.exception import MONAILabelException
+from main import network_config
+from lib.propagation import LabelPropagationTask
+from lib.strain import StrainTask
+try:
+    network_config({{"network_config": "backbone_nothing.yaml"}}, bundle)
+except ValueError as error:
+    print("unknown:", error)
+image = torch.load(tmp + "/image.pt")
+for name in {backbones!r}:
+    config = network_config({{"network_config": name}}, bundle)
+    for size in (128, 100):
+        task = LabelPropagationTask(lambda: None, f"{{tmp}}/{{name}}.pt", (size, size))
+        task.bundle_path, task.network_config = bundle, config
+        try:
+            net = task._engine().network
+        except MONAILabelException as error:
+            print(name, size, "error:", error.msg)
+            continue
+        with torch.no_grad():
+            torch.save(net(image), f"{{tmp}}/{{name}}.field.pt")
+        print(name, size, type(net).__name__)
+    for lagrangian in ("inverse", "swap"):
+        strain = StrainTask(lambda: None, f"{{tmp}}/{{name}}.pt", lagrangian=lagrangian)
+        strain.bundle_path, strain.network_config = bundle, config
+        try:
+            print(name, lagrangian, type(strain._engine().network).__name__)
+        except MONAILabelException as error:
+            print(name, lagrangian, "error:", error.msg)
+'''
+    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("unknown: backbone_nothing.yaml: network config not found") and backbones[0] in lines[0]
+    for name in backbones:
+        net = network_from_config(name)
+        got = {tuple(line.split()[1:3]): line for line in lines[1:] if line.startswith(name + " ")}
+        assert got[("128", type(net).__name__)]
+        assert "error: image_size [100, 100] does not fit the displacement network" in got[("100", "error:")]
+        torch.testing.assert_close(torch.load(tmp_path / f"{name}.field.pt"), expected[name], atol=1e-5, rtol=0)
+        assert got[("swap", type(net).__name__)]
+        if net.bidirectional:
+            assert got[("inverse", type(net).__name__)]
+        else:
+            assert "--conf strain_lagrangian swap" in got[("inverse", "error:")]

@@ -1,6 +1,7 @@
 """The bundle as the model zoo checks it: ``bundle/`` alone, copied elsewhere, runs its workflows
 (``ConfigWorkflow``: initialize -> check_properties() == [] -> run -> finalize) for train, evaluate and
-inference on tiny data, and passes ``verify_metadata`` and ``verify_net_in_out``."""
+inference on tiny data, and passes ``verify_metadata`` and ``verify_net_in_out``, also with each backbone config
+(``configs/backbone_*.yaml`` on ``inference.yaml``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 from conftest import BUNDLE, REPO, SCHEMA
 
+BACKBONES = sorted(p.name for p in (BUNDLE / "configs").glob("backbone_*.yaml"))
 TINY = {"epochs": 2, "epoch_length": 2, "image_size": [64, 64], "num_train_pairs": 4, "num_val_pairs": 2,
         "batch_size": 2, "accumulation_steps": 1, "motion_warmup_epochs": 1, "scoring_warmup_epochs": 1,
         "num_workers": 0, "log_every": 1}
@@ -85,3 +88,20 @@ def test_verify_metadata_and_net_in_out(bundle_copy: Path) -> None:
     meta = str(bundle_copy / "configs" / "metadata.json")
     verify_metadata(meta_file=meta, filepath=str(SCHEMA))
     verify_net_in_out(net_id="network_def", meta_file=meta, config_file=str(bundle_copy / "configs" / "inference.yaml"))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backbone", BACKBONES, ids=[Path(b).stem.removeprefix("backbone_") for b in BACKBONES])
+def test_backbone_configs_load_from_the_packaged_bundle(bundle_copy: Path, backbone: str) -> None:
+    """The copy's ``network_def`` with a backbone config (what inference, export and the MONAI Label app build)
+    passes ``verify_net_in_out`` and maps a (1, 2, 128, 128) pair to a field of the same size."""
+    from scripts.inference_engine import network_from_config  # the copy's package
+
+    configs = [str(bundle_copy / "configs" / name) for name in ("inference.yaml", backbone)]
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle_copy / "configs" / "metadata.json"),
+                      config_file=configs)
+    net = network_from_config(backbone, bundle_copy).eval()
+    assert Path(sys.modules[type(net).__module__].__file__).resolve().is_relative_to(bundle_copy.resolve())
+    with torch.no_grad():
+        field = net(torch.rand(1, 2, 128, 128, generator=torch.Generator().manual_seed(0)))
+    assert field.shape == (1, 2, 128, 128) and bool(torch.isfinite(field).all())

@@ -28,10 +28,11 @@ values, a non-finite field, a case name that would leave ``output_dir``) is repo
 the other pairs still finish; the run ends with ``SystemExit(1)`` when any pair failed. ``output_dir`` defaults
 to ``<dataset_dir>_registered`` beside the input folder; one that holds an earlier run's outputs is refused unless
 ``overwrite`` (which removes them first), so the folder and ``summary.csv`` always agree. Problems that stop the run before any case (no pairs, an
-unreadable or malformed datalist, weights that are missing, corrupt, non-finite or do not fit, an output folder that
-is an input folder, a file or not writable) end it with a message naming the file and nothing written. Inputs are
-never overwritten and every output file is written to a temporary name in ``output_dir`` and renamed into place
-(whole or absent); temporary files of a killed run are removed at the next start (``io_safety``).
+unreadable or malformed datalist, weights that are missing, corrupt, non-finite or do not fit, an ``image_size``
+the network cannot take (:func:`check_image_size`), an output folder that is an input folder, a file or not
+writable) end it with a message naming the file and nothing written. Inputs are never overwritten and every output
+file is written to a temporary name in ``output_dir`` and renamed into place (whole or absent); temporary files of a
+killed run are removed at the next start (``io_safety``).
 
 The parts, each configured in ``inference.yaml``:
 
@@ -112,6 +113,80 @@ def check_weights(network: torch.nn.Module | None, path: str | None, what: str, 
     if network is None:
         raise SystemExit(f"error: {what} weights {path} given but no {what} is configured.")
     load_weights(copy.deepcopy(network), path, what, device)
+
+
+def check_image_size(network: torch.nn.Module, image_size: Sequence[int], what: str = "displacement network",
+                     device: Any = "cpu") -> None:
+    """One pass of zeros on the network grid before anything is written: a network that cannot take ``image_size``
+    (``TransMorph2D``: H, W multiples of 32; the VoxelMorph UNet: of 16, its ``size_multiple``) or does not return a
+    field of that size stops the run with one line naming the network and the sizes it takes."""
+    try:
+        size = [int(s) for s in image_size]
+    except (TypeError, ValueError):
+        size = []
+    if len(size) != 2 or min(size) < 1:
+        raise SystemExit(f"error: image_size {image_size}: expected two positive sizes [H, W] (the network grid, "
+                         f"e.g. [128, 128]).")
+    core = network.module if hasattr(network, "module") else network
+    name, multiple = type(core).__name__, getattr(core, "size_multiple", None)
+    takes = ""
+    if multiple and any(s % multiple for s in size):
+        fit = [-(-s // multiple) * multiple for s in size]
+        takes = f" (it takes H and W multiples of {multiple}: e.g. --image_size \"[{fit[0]},{fit[1]}]\")"
+    training = network.training
+    try:
+        network.eval()
+        with torch.no_grad():
+            field = network(torch.zeros(1, 2, *size, device=device))
+    except Exception as error:  # the network's own reason, first line
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise SystemExit(f"error: image_size {size} does not fit the {what} {name}{takes}: "
+                         f"{type(error).__name__}: {reason}") from None
+    finally:
+        network.train(training)
+    if not isinstance(field, torch.Tensor) or tuple(field.shape) != (1, 2, *size):
+        got = tuple(field.shape) if isinstance(field, torch.Tensor) else type(field).__name__
+        raise SystemExit(f"error: the {what} {name} maps (1, 2, {size[0]}, {size[1]}) to {got}, not to a field of the "
+                         f"same size (network_def's contract: (B, 2, H, W) -> (B, 2, H, W)).")
+
+
+BACKBONE_CONFIGS = "backbone_*.yaml"
+
+
+def network_config_file(name: str | os.PathLike, bundle_root: str | os.PathLike | None = None) -> Path:
+    """A backbone's override config (``configs/backbone_transmorph.yaml``): ``name`` absolute, relative to the bundle
+    folder or to its ``configs`` folder (``backbone_transmorph.yaml``); otherwise ``SystemExit`` naming it and the
+    bundle's backbone configs."""
+    root = Path(bundle_root) if bundle_root else CONFIG_FILE.parents[1]
+    path = Path(name).expanduser()
+    for candidate in [path] if path.is_absolute() else [root / path, root / "configs" / path]:
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(p.name for p in sorted((root / "configs").glob(BACKBONE_CONFIGS))) or "none"
+    raise SystemExit(f"error: {name}: network config not found (absolute, or relative to {root} or its configs "
+                     f"folder; the bundle's backbones: {known}).")
+
+
+def network_from_config(network_config: str | os.PathLike | None = None, bundle_root: str | os.PathLike | None = None,
+                        config_file: str | os.PathLike | None = None) -> torch.nn.Module:
+    """``network_def`` as ``python -m monai.bundle run --config_file "['configs/inference.yaml','<network_config>']"``
+    builds it, with its initial weights, on the CPU: ``network_config`` is a backbone's override
+    (:func:`network_config_file`; it must set ``network_def``), ``None`` gives ``inference.yaml``'s own network.
+    The MONAI Label app builds its network with it (``--conf network_config``)."""
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_root) if bundle_root else CONFIG_FILE.parents[1]
+    files = [str(config_file or root / "configs" / "inference.yaml")]
+    if network_config:
+        override = network_config_file(network_config, root)
+        content = ConfigParser.load_config_file(str(override))
+        if not isinstance(content, dict) or "network_def" not in content:
+            raise SystemExit(f"error: {override}: sets no network_def (a backbone config overrides network_def alone).")
+        files.append(str(override))
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser["bundle_root"] = str(root)
+    return parser.get_parsed_content("network_def")
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -102,6 +102,7 @@ class DiffeomorphicVoxelMorph(nn.Module):
             unet = _vxm1_unet(2, 2, channels, final_conv_channels)
             nn.init.normal_(_head(unet).weight, mean=0.0, std=head_init_std)
             nn.init.zeros_(_head(unet).bias)
+            self.size_multiple = 2 ** (len(channels) // 2)  # H, W the UNet takes (vxm-1: 16); said by inference's check
         self.unet = unet
         self.int_steps = int_steps
         self.int_downsize = int_downsize

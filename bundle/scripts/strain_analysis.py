@@ -63,8 +63,10 @@ class CineRegistration:
         if lagrangian not in ("inverse", "swap"):
             raise ValueError(f"lagrangian must be 'inverse' or 'swap', got {lagrangian!r}.")
         core = network.module if hasattr(network, "module") else network
-        if lagrangian == "inverse" and not isinstance(core, DiffeomorphicVoxelMorph):
-            raise ValueError("lagrangian 'inverse' needs a diffeomorphic network (DiffeomorphicVoxelMorph); "
+        if lagrangian == "inverse" and not (isinstance(core, DiffeomorphicVoxelMorph) and core.bidirectional):
+            raise ValueError(f"lagrangian 'inverse' needs a diffeomorphic network with its inverse field "
+                             f"(DiffeomorphicVoxelMorph, bidirectional: true; this one is {type(core).__name__}"
+                             f"{', one way' if isinstance(core, DiffeomorphicVoxelMorph) else ''}); "
                              "use lagrangian: swap for one-way networks.")
         self.network, self.image_size = network, tuple(int(s) for s in image_size)
         self.roi_size = None if roi_size is None else tuple(int(s) for s in roi_size)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
-from .networks import DiffeomorphicVoxelMorph
+from .networks import DiffeomorphicVoxelMorph, RegistrationFields
 
 
 def swin_backbone(feature_size: int = 24, depths: Sequence[int] = (2, 2, 2, 2),
@@ -45,3 +46,9 @@ class TransMorph2D(DiffeomorphicVoxelMorph):
                  window_size: int = 7, head_init_std: float = 1e-5) -> None:
         super().__init__(int_steps=int_steps, int_downsize=int_downsize, bidirectional=bidirectional,
                          unet=swin_backbone(feature_size, depths, num_heads, window_size, head_init_std))
+        self.size_multiple = self.unet.patch_size ** 5  # 32: said by inference's image_size check
+
+    def forward(self, image: torch.Tensor, return_fields: bool = False) -> torch.Tensor | RegistrationFields:
+        if torch.jit.is_tracing():  # MONAI checks the size only when not tracing: an export at a wrong size says why
+            self.unet._check_input_size(tuple(int(s) for s in image.shape[2:]))
+        return super().forward(image, return_fields)

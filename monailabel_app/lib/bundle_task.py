@@ -24,9 +24,14 @@ class BundleInferTask(InferTask):
 
     ``refine`` (set by the app from ``--conf refine_*``): the keyword arguments of the bundle's
     ``refinement.refiner_from_settings`` (``steps``, ``score_weighted``, ``scoring_ckpt_path``, ...); test-time
-    refinement of every registered pair when ``steps`` > 0."""
+    refinement of every registered pair when ``steps`` > 0. ``bundle_path`` and ``network_config`` (set by the app
+    from ``--conf bundle_path`` / ``--conf network_config``): the network is the bundle's ``network_def`` as
+    ``configs/inference.yaml`` plus that backbone config builds it (``scripts.inference_engine.network_from_config``;
+    ``None``: inference.yaml's own), checked on the task's ``image_size``."""
 
     refine: dict = {}
+    bundle_path: str | None = None
+    network_config: str | None = None
 
     model_path: str
     device: str
@@ -38,13 +43,15 @@ class BundleInferTask(InferTask):
         return self.model_path
 
     def _network(self) -> torch.nn.Module:
-        """The displacement network with the weights of ``model_path``, in eval mode on ``device``."""
+        """The bundle config's displacement network with the weights of ``model_path``, in eval mode on ``device``."""
+        from scripts.inference_engine import check_image_size, network_from_config
         from scripts.io_safety import load_weights
-        from scripts.networks import DiffeomorphicVoxelMorph
 
-        net = DiffeomorphicVoxelMorph()
-        try:  # the bundle's checks: the file named, readable, finite, fitting the network
+        try:  # the bundle's checks: the config, the weights file (named, readable, finite, fitting), the grid size
+            net = network_from_config(self.network_config, self.bundle_path)
             load_weights(net, self.model_path, "displacement network", self.device)
+            net = net.to(self.device)
+            check_image_size(net, getattr(self, "image_size", (128, 128)), "displacement network", self.device)
         except SystemExit as error:  # a server answers the request instead of exiting
             raise MONAILabelException(MONAILabelError.SERVER_ERROR, str(error).removeprefix("error: ")) from None
         return net.to(self.device).eval()

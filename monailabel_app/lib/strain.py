@@ -34,11 +34,13 @@ class StrainTask(BundleInferTask):
         model_path: flat state dict of the bundle's ``network_def``.
         image_size: the network grid; ``roi_size``: crop around the ED myocardium (``configs/strain.yaml``).
         labels: label codes (``rv``, ``myo``, ``lv``; echo ``lv``, ``myo``, ``la``); ``view``: short_axis / long_axis.
+        lagrangian: ``inverse`` (the network's inverse field, as ``configs/strain.yaml``) or ``swap`` (ES moving, ED
+            fixed: for one-way backbones such as ``backbone_diffusemorph.yaml``).
     """
 
     def __init__(self, datastore: Callable[[], Datastore], model_path: str, image_size=(128, 128),
                  roi_size=(128, 128), labels: Dict[str, int] | None = None, view: str = "short_axis",
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", lagrangian: str = "inverse") -> None:
         segments = {f"segment {k}": k for k in range(1, 17)}
         super().__init__(
             type=InferType.OTHERS,
@@ -50,14 +52,20 @@ class StrainTask(BundleInferTask):
         self.datastore, self.model_path = datastore, model_path
         self.image_size, self.roi_size = tuple(image_size), None if roi_size is None else tuple(roi_size)
         self.codes, self.view, self.device = dict(labels or ACDC_LABELS), view, device
+        self.lagrangian = lagrangian
         self._registration = None
 
     def _engine(self):
         if self._registration is None:
             from scripts.strain_analysis import CineRegistration
 
-            self._registration = CineRegistration(self._network(), self.image_size, self.roi_size, device=self.device,
-                                                  refiner=self._refiner())
+            try:
+                self._registration = CineRegistration(self._network(), self.image_size, self.roi_size,
+                                                      lagrangian=self.lagrangian, device=self.device,
+                                                      refiner=self._refiner())
+            except ValueError as error:  # e.g. the inverse field of a one-way backbone: --conf strain_lagrangian swap
+                raise MONAILabelException(MONAILabelError.SERVER_ERROR,
+                                          f"{error} (MONAI Label app: --conf strain_lagrangian swap)") from None
         return self._registration
 
     def _case(self, request: Dict[str, Any]) -> Dict[str, str]:
