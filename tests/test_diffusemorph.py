@@ -1,6 +1,6 @@
 """The DiffuseMorph backbone (issue 30 item 3): a one-way field of the input's size, deterministic in eval mode (t = 0,
 no noise), a diffusion loss in training mode that the trainer adds to L_de, and training on the phantom through the same
-trainer (MSE, AdaCS, a baseline) by network_def alone; exports by tracing and runs the folder inference path."""
+trainer (MSE, AdaCS, a baseline) by network_def alone; its export and folder inference: test_backbones.py."""
 
 from __future__ import annotations
 
@@ -99,23 +99,3 @@ def test_trains_with_a_second_network_by_network_def_alone(config, tmp_path):
         assert all(math.isfinite(v) for v in item.values()) and item["loss_auxiliary"] > 0
         assert math.isfinite(item["loss_scoring"]) and math.isfinite(item["mean_score"])
 
-
-def test_exports_by_tracing_and_runs_folder_inference(tmp_path):
-    import nibabel as nib
-
-    from scripts.inference_engine import register_folder
-    from scripts.phantom import cardiac_phantom_pair
-
-    torch.manual_seed(0)
-    net = DiffuseMorph2D(head_init_std=1e-2).eval()  # a visible field
-    image = torch.rand(1, 2, 32, 32)
-    traced = torch.jit.trace(net, image)
-    assert torch.allclose(traced(image), net(image), atol=1e-5)
-    data = tmp_path / "pairs"
-    data.mkdir()
-    pair = cardiac_phantom_pair(200000, size=32)
-    for frame, key in (("ED", "moving"), ("ES", "fixed")):
-        nib.save(nib.Nifti1Image(pair[key][0], np.eye(4)), str(data / f"c_{frame}.nii.gz"))
-    rows = register_folder(data, tmp_path / "out", net, None, write_itk=False, image_size=[32, 32])
-    assert rows[0]["status"] == "ok"
-    assert nib.load(str(tmp_path / "out" / "c_ddf.nii.gz")).shape == (32, 32, 2)
