@@ -15,11 +15,14 @@ the budget (``checkpoint_final.pt``: no row is chosen on validation). Training t
 epoch (for two-network rows, a joint epoch) over its micro-steps.
 
 Per row, ``<out>/<backbone>/<method>/seed<N>/``: ``cmd.sh``, ``train.log``, ``timing.json``, ``models/``,
-``test/`` (the evaluation's CSVs), ``row.json`` (the row's results). A row with ``row.json`` is finished and kept; an
-interrupted training continues from its last epoch checkpoint. Undeformed and Elastix come from
-``compare_methods.py`` (``<out>/reference``; ``--elastix-cache`` reuses an ``elastix_ddf.npz`` of the same pairs).
-After every row, ``<out>/tables.md`` / ``tables.csv`` (and ``--report``) are rewritten from every finished row on
-disk, pooling seeds. A failed row is reported with its log and the others go on (exit code 1).
+``test/`` (the evaluation's CSVs), ``row.json`` (the row's results), copied to ``--results`` (default ``<out>``) as
+``<backbone>/<method>/seed<N>.json``: a row whose result is there is finished and kept, on any machine (keep
+``--results`` in the repository, e.g. ``bundle/docs/reports/paper_tables/acdc``, and commit it as rows arrive; the
+models stay in ``--out``). An interrupted training continues from its last epoch checkpoint. Undeformed and Elastix
+come from ``compare_methods.py`` (``<out>/reference``, its table copied to ``<results>/reference.csv``;
+``--elastix-cache`` reuses an ``elastix_ddf.npz`` of the same pairs). After every row, ``<out>/tables.md`` /
+``tables.csv`` (and ``--report``) are rewritten from every finished row in ``--results``, pooling seeds. A failed row
+is reported with its log and the others go on (exit code 1).
 """
 
 from __future__ import annotations
@@ -56,9 +59,15 @@ class Row:
     backbone: str
     method: str
     seed: int
-    configs: tuple[str, ...]
+    backbone_configs: tuple[str, ...]
+    method_configs: tuple[str, ...]
     args: tuple[tuple[str, str], ...]
     branched: bool
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        """The override configs after the dataset's: the backbone's, then the method's."""
+        return self.backbone_configs + self.method_configs
 
     @property
     def key(self) -> str:
@@ -66,6 +75,9 @@ class Row:
 
     def folder(self, out: Path) -> Path:
         return out / self.backbone / self.method / f"seed{self.seed}"
+
+    def result_file(self, results: Path) -> Path:
+        return results / self.backbone / self.method / f"seed{self.seed}.json"
 
 
 def load_rows_file(path: Path = ROWS_FILE) -> dict:
@@ -81,8 +93,8 @@ def make_rows(spec: dict, backbones: list[str], methods: list[str], seeds: list[
         for method in methods:
             entry = spec["methods"][method]
             for seed in seeds:
-                rows.append(Row(backbone, method, seed,
-                                tuple(spec["backbones"][backbone]["configs"]) + tuple(entry.get("configs", [])),
+                rows.append(Row(backbone, method, seed, tuple(spec["backbones"][backbone]["configs"]),
+                                tuple(entry.get("configs", [])),
                                 tuple((k, str(v)) for k, v in (entry.get("args") or {}).items()),
                                 entry["kind"] == "branched"))
     rank = lambda row: (backbones.index(row.backbone), row.method != "mse", row.branched)  # noqa: E731
@@ -99,7 +111,7 @@ def training_command(plan: Plan, row: Row, out: Path) -> list[str]:
         keep = ["--keep_checkpoints", "null"] if row.method == "mse" else []
         return bundle_command(row_plan, run_dir, row.seed, "--use_scoring", "false", "--epochs", str(epochs),
                                "--motion_warmup_epochs", str(epochs), "--scoring_warmup_epochs", "0", *keep, *extra)
-    mse_dir = Row(row.backbone, "mse", row.seed, (), (), False).folder(out)
+    mse_dir = Row(row.backbone, "mse", row.seed, (), (), (), False).folder(out)
     epochs = plan.motion_warmup + plan.scoring_warmup + plan.joint
     args = ["--resume_checkpoint", str(branch_checkpoint(mse_dir, plan).resolve()), "--epochs", str(epochs),
             "--motion_warmup_epochs", str(plan.motion_warmup), "--scoring_warmup_epochs", str(plan.scoring_warmup)]
@@ -148,13 +160,35 @@ def seconds_per_step(log: Path, first_epoch: int, micro_steps: int) -> float | N
     return statistics.median(times) / micro_steps if times else None
 
 
-def run_row(plan: Plan, row: Row, out: Path, micro_steps: int, dependency: Future | None) -> dict:
-    """Train (or resume) and evaluate one row; write and return its ``row.json``."""
+_MSE_LOCKS: dict[tuple[str, int], threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def branch_point(plan: Plan, row: Row, out: Path) -> Path:
+    """The checkpoint a two-network row branches from: its backbone's MSE run at the end of the motion-only warm-up.
+    Where that run's result came from another machine (``--results``) and its checkpoints are not in ``out``, the MSE
+    run is trained again here, once, to branch from (its recorded result is kept)."""
+    mse = Row(row.backbone, "mse", row.seed, row.backbone_configs, (), (), False)
+    checkpoint = branch_checkpoint(mse.folder(out), plan)
+    with _LOCKS_LOCK:
+        lock = _MSE_LOCKS.setdefault((row.backbone, row.seed), threading.Lock())
+    with lock:
+        if not checkpoint.is_file():
+            train(plan, mse.folder(out), training_command(plan, mse, out))
+    if not checkpoint.is_file():
+        raise RunFailed(f"{checkpoint} is missing: the MSE run did not save its warm-up checkpoint")
+    return checkpoint
+
+
+def run_row(plan: Plan, row: Row, out: Path, results: Path, micro_steps: int, dependency: Future | None) -> dict:
+    """Train (or resume) and evaluate one row; write its ``row.json`` and its result file, and return it."""
     run_dir = row.folder(out)
-    if (run_dir / "row.json").is_file() and not plan.force:
-        return json.loads((run_dir / "row.json").read_text())
+    if row.result_file(results).is_file() and not plan.force:
+        return json.loads(row.result_file(results).read_text())
     if dependency is not None:
         dependency.result()  # raises if the MSE run failed
+    if row.branched:
+        branch_point(plan, row, out)
     timing = train(plan, run_dir, training_command(plan, row, out))
     weights = final_weights(run_dir)
     test_dir = run_dir / "test"
@@ -168,15 +202,29 @@ def run_row(plan: Plan, row: Row, out: Path, micro_steps: int, dependency: Futur
               "training_seconds": timing["seconds"], "branched": row.branched,
               "budget": {"displacement_epochs": plan.motion_warmup + plan.joint, "lr": plan.lr}}
     (run_dir / "row.json").write_text(json.dumps(result, indent=1))
+    row.result_file(results).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / "row.json", row.result_file(results))
     return result
+
+
+def record_finished(out: Path, results: Path) -> None:
+    """Copy the results of rows finished in ``out`` (and its reference table) that ``results`` lacks."""
+    for path in out.glob("*/*/seed*/row.json"):
+        target = results / path.parts[-4] / path.parts[-3] / f"{path.parts[-2]}.json"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    if (out / "reference" / "results.csv").is_file() and not (results / "reference.csv").is_file():
+        results.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / "reference" / "results.csv", results / "reference.csv")
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------------
 
-def finished_rows(out: Path) -> dict[str, list[dict]]:
-    """Every finished row on disk, by ``backbone/method``, one entry per seed."""
+def finished_rows(results: Path) -> dict[str, list[dict]]:
+    """Every finished row in ``results``, by ``backbone/method``, one entry per seed."""
     found: dict[str, list[dict]] = {}
-    for path in sorted(out.glob("*/*/seed*/row.json")):
+    for path in sorted(results.glob("*/*/seed*.json")):
         result = json.loads(path.read_text())
         found.setdefault(result["row"], []).append(result)
     return found
@@ -193,9 +241,9 @@ def pooled(results: list[dict]) -> dict:
     return row
 
 
-def reference_rows(out: Path) -> dict[str, dict]:
-    """Undeformed and Elastix from ``<out>/reference/results.csv`` (compare_methods.py), if it ran."""
-    path = out / "reference" / "results.csv"
+def reference_rows(results: Path) -> dict[str, dict]:
+    """Undeformed and Elastix from ``<results>/reference.csv`` (compare_methods.py's table), if it ran."""
+    path = results / "reference.csv"
     if not path.is_file():
         return {}
     rows = {}
@@ -228,10 +276,11 @@ def ordering_notes(spec: dict, dataset: str, rows: dict[str, dict], backbones: l
     return notes
 
 
-def write_tables(spec: dict, dataset: str, out: Path, budget: str, report: Path | None) -> None:
-    """``tables.md`` / ``tables.csv`` from every finished row (and the reference rows), in the paper's layout."""
-    rows = {key: pooled(results) for key, results in finished_rows(out).items()}
-    reference = reference_rows(out)
+def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str, report: Path | None) -> None:
+    """``<out>/tables.md`` / ``tables.csv`` from every finished row in ``results`` (and the reference rows), in the
+    paper's layout."""
+    rows = {key: pooled(seeds) for key, seeds in finished_rows(results).items()}
+    reference = reference_rows(results)
     paper, extra = spec["paper"][dataset], spec.get("paper_extra", {}).get(dataset, {})
     backbones = list(spec["backbones"])
     header = ("| Backbone | Method | DSC | HD px | ASD px | folding % | s/step | seeds | paper DSC | paper HD | paper ASD "
@@ -330,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="threads per row (default: cores / jobs)")
     parser.add_argument("--elastix-cache", type=Path, default=None, help="an elastix_ddf.npz of the same pairs")
     parser.add_argument("--no-reference", action="store_true", help="skip the Undeformed / Elastix rows")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="finished rows' results (default: --out); in the repository, commit them as rows arrive")
     parser.add_argument("--report", type=Path, default=None, help="also write tables.md here (e.g. bundle/docs/reports/...)")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from finished rows; train nothing")
     parser.add_argument("--force", action="store_true", help="retrain and re-evaluate finished rows")
@@ -338,13 +389,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     args.dataset_dir, args.out, args.bundle = args.dataset_dir.resolve(), args.out.resolve(), args.bundle.resolve()
+    args.results = (args.results or args.out).resolve()
     return args
 
 
 def reference(args: argparse.Namespace) -> None:
     """Undeformed and Elastix on the same pairs (compare_methods.py without networks)."""
     folder = args.out / "reference"
-    if (folder / "results.csv").is_file():
+    if (args.results / "reference.csv").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
     if args.elastix_cache and args.elastix_cache.is_file():
@@ -353,6 +405,7 @@ def reference(args: argparse.Namespace) -> None:
                "--out", str(folder), "--no-figures"]
     (folder / "cmd.sh").write_text(shlex.join(command) + "\n")
     run_logged(command, REPO, folder / "compare.log", args.threads)
+    record_finished(args.out, args.results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {row.key} seed {row.seed}\n" + shell_script(plan, training_command(plan, row, args.out)), end="")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    record_finished(args.out, args.results)
     lock, failed = threading.Lock(), []
 
     def one(row: Row, dependency: Future | None) -> dict | None:
@@ -376,14 +430,14 @@ def main(argv: list[str] | None = None) -> int:
             absent = [c for c in row.configs if c in missing]
             if absent:
                 raise RunFailed(f"{', '.join(absent)} does not exist in {args.bundle}")
-            result = run_row(plan, row, args.out, micro_steps, dependency)
+            result = run_row(plan, row, args.out, args.results, micro_steps, dependency)
         except RunFailed as error:
             with lock:
                 failed.append(f"{row.key} seed {row.seed}: {error}")
                 print(f"error: {row.key} seed {row.seed}: {error}", file=sys.stderr, flush=True)
             raise
         with lock:
-            write_tables(spec, args.dataset, args.out, budget, args.report)
+            write_tables(spec, args.dataset, args.out, args.results, budget, args.report)
             print(f"{row.key} seed {row.seed}: DSC {result['dice']['mean']:.2f}", flush=True)
         return result
 
@@ -403,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 reference(args)
             except RunFailed as error:
                 failed.append(f"reference rows: {error}")
-    write_tables(spec, args.dataset, args.out, budget, args.report)
+    write_tables(spec, args.dataset, args.out, args.results, budget, args.report)
     print((args.out / "tables.md").read_text())
     for line in failed:
         print(f"error: {line}", file=sys.stderr)

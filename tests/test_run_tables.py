@@ -101,14 +101,16 @@ def test_step_time_is_the_median_training_epoch(tmp_path: Path):
     assert tables.seconds_per_step(log, 3, 100) == pytest.approx(0.9)  # the joint epochs only
 
 
-def _finished(out: Path, key: str, seed: int, dice: float, step: float = 0.5) -> None:
+def _finished(results: Path, key: str, seed: int, dice: float, step: float = 0.5) -> dict:
+    """A finished row's result file as run_row records it."""
     backbone, method = key.split("/")
-    folder = out / backbone / method / f"seed{seed}"
-    folder.mkdir(parents=True)
+    path = results / backbone / method / f"seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     metric = lambda mean: {"mean": mean, "std": 1.0, "n": 9}  # noqa: E731
-    (folder / "row.json").write_text(json.dumps({
+    path.write_text(json.dumps({
         "row": key, "backbone": backbone, "method": method, "seed": seed, "dice": metric(dice), "hd": metric(5.0),
         "asd": metric(1.2), "folding": metric(0.0), "seconds_per_step": step, "training_seconds": 600}))
+    return json.loads(path.read_text())
 
 
 def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs(tmp_path: Path):
@@ -117,7 +119,7 @@ def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs
     _finished(out, "vxm/mse", 1, 82.0, step=0.7)
     _finished(out, "vxm/adacs", 0, 79.0)
     report = tmp_path / "report.md"
-    tables.write_tables(SPEC, "acdc", out, "a stated budget", report)
+    tables.write_tables(SPEC, "acdc", out, out, "a stated budget", report)
     text = (out / "tables.md").read_text()
     assert report.read_text() == text and "a stated budget" in text
     assert "| VoxelMorph | MSE | 81.00 ± 1.00 | 5.00 | 1.20 | 0.000 | 0.60 | 2 | 79.48 | 4.79 | 1.27 | 0.29 | 0.26 |" in text
@@ -133,17 +135,45 @@ def test_a_missing_config_fails_its_rows_and_the_others_finish(prepared: Path, t
     ran = []
     monkeypatch.setitem(SPEC["backbones"], "tsm", {"name": "TransMorph", "configs": ["configs/backbone_absent.yaml"]})
     monkeypatch.setattr(tables, "load_rows_file", lambda path=None: SPEC)
-    monkeypatch.setattr(tables, "run_row", lambda plan, row, out, steps, dependency: ran.append(row.key) or _finished(
-        out, row.key, row.seed, 80.0) or json.loads((row.folder(out) / "row.json").read_text()))
+    monkeypatch.setattr(tables, "run_row", lambda plan, row, out, results, steps, dependency: ran.append(row.key)
+                        or _finished(results, row.key, row.seed, 80.0))
     code = tables.main(["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(tmp_path / "t"),
                         "--backbones", "vxm", "tsm", "--methods", "mse", "--no-reference"])
     assert code == 1 and ran == ["vxm/mse"]
     assert "tsm/mse seed 0: configs/backbone_absent.yaml does not exist" in capsys.readouterr().err
 
 
+def test_a_recorded_mse_run_is_trained_again_once_to_branch_from(prepared: Path, tmp_path: Path, monkeypatch):
+    """A new machine: the MSE row's result is in --results but its checkpoints are not in --out; the two-network rows
+    that branch off it train it again, once, even when they start together."""
+    import threading
+    import time
+
+    trained = []
+
+    def fake_train(plan, run_dir, command, branch_epoch_file=None):
+        trained.append(run_dir)
+        time.sleep(0.2)
+        (run_dir / "models").mkdir(parents=True, exist_ok=True)
+        (run_dir / "models" / "checkpoint_epoch=6.pt").write_text("")
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(tables, "train", fake_train)
+    args = tables.parse_args(["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(tmp_path / "t")])
+    plan = tables.make_plan(args)
+    rows = [r for r in tables.make_rows(SPEC, ["vxm"], ["adacs", "nll"], [0])]
+    threads = [threading.Thread(target=tables.branch_point, args=(plan, row, args.out)) for row in rows]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert trained == [args.out / "vxm" / "mse" / "seed0"]
+
+
 def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
-    out = tmp_path / "t"
-    argv = ["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(out), "--backbones", "vxm",
+    out, results = tmp_path / "t", tmp_path / "repo_results"
+    argv = ["--dataset", "acdc", "--dataset-dir", str(prepared), "--out", str(out), "--results", str(results),
+            "--backbones", "vxm",
             "--methods", "mse", "adacs", "--motion-warmup", "1", "--scoring-warmup", "1", "--joint", "1",
             "--no-reference", "--bundle-arg", "epoch_length=2", "--bundle-arg", "batch_size=2",
             "--bundle-arg", "image_size=[32,32]", "--bundle-arg", "train#handler#progress_bar#_disabled_=true"]
@@ -158,3 +188,11 @@ def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
     logs = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/train.log")}
     assert len(logs) == 2 and tables.main(argv) == 0
     assert logs == {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/train.log")}  # finished rows are kept
+    assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*.json")) == [
+        "vxm/adacs/seed0.json", "vxm/mse/seed0.json"]
+    # another machine: only --results survives; nothing is trained again and the tables are the same
+    import shutil
+
+    shutil.rmtree(out)
+    assert tables.main(argv) == 0 and not list(out.glob("*/*/seed0/train.log"))
+    assert (out / "tables.md").read_text() == text
