@@ -153,6 +153,12 @@ def summary_metric(test_dir: Path, metric: str) -> dict:
     raise RunFailed(f"{test_dir}: no mean row in paper_{metric}_summary.csv")
 
 
+def dice_per_case(test_dir: Path) -> dict[str, float]:
+    """Per-slice Dice from MetricsSaver's ``paper_dice_raw.csv``, by file name (NaN: a dropped slice)."""
+    with open(test_dir / "paper_dice_raw.csv") as handle:
+        return {Path(line["filename"]).name: float(line["class0"]) for line in csv.DictReader(handle)}
+
+
 def seconds_per_step(log: Path, first_epoch: int, micro_steps: int) -> float | None:
     """Median training-epoch time (epochs >= ``first_epoch``) over its micro-steps, from the trainer's log lines."""
     times = [int(h) * 3600 + int(m) * 60 + float(s) for epoch, h, m, s in TRAINER_EPOCH.findall(log.read_text())
@@ -198,6 +204,7 @@ def run_row(plan: Plan, row: Row, out: Path, results: Path, micro_steps: int, de
     first = plan.motion_warmup + plan.scoring_warmup + 1 if row.branched else 1
     result = {"row": row.key, "backbone": row.backbone, "method": row.method, "seed": row.seed,
               **{metric: summary_metric(test_dir, metric) for metric in METRICS},
+              "dice_per_case": dice_per_case(test_dir),
               "seconds_per_step": seconds_per_step(run_dir / "train.log", first, micro_steps),
               "training_seconds": timing["seconds"], "branched": row.branched,
               "budget": {"displacement_epochs": plan.motion_warmup + plan.joint, "lr": plan.lr}}
@@ -211,9 +218,13 @@ def record_finished(out: Path, results: Path) -> None:
     """Copy the results of rows finished in ``out`` (and its reference table) that ``results`` lacks."""
     for path in out.glob("*/*/seed*/row.json"):
         target = results / path.parts[-4] / path.parts[-3] / f"{path.parts[-2]}.json"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+        result = json.loads((target if target.is_file() else path).read_text())
+        if "dice_per_case" not in result and (path.parent / "test" / "paper_dice_raw.csv").is_file():
+            result["dice_per_case"] = dice_per_case(path.parent / "test")  # rows recorded before it was kept
+        elif target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=1))
     if (out / "reference" / "results.csv").is_file() and not (results / "reference.csv").is_file():
         results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / "reference" / "results.csv", results / "reference.csv")
@@ -235,10 +246,31 @@ def pooled(results: list[dict]) -> dict:
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     row = {f"{metric}_{stat}": mean([r[metric][stat] for r in results]) for metric in METRICS for stat in ("mean", "std")}
     steps = [r["seconds_per_step"] for r in results if r["seconds_per_step"] is not None]
+    cases = [r.get("dice_per_case") for r in results]
+    per_case = ({case: mean([c[case] for c in cases]) for case in cases[0]}  # the seeds' mean, slice by slice
+                if all(cases) and all(set(c) == set(cases[0]) for c in cases) else None)
     row.update(seeds=len(results), n=results[0]["dice"]["n"], seconds_per_step=mean(steps) if steps else math.nan,
+               dice_per_case=per_case, seed_list=sorted(r["seed"] for r in results),
                training_minutes=mean([r["training_seconds"] for r in results]) / 60,
                dice_seed_range=(min(r["dice"]["mean"] for r in results), max(r["dice"]["mean"] for r in results)))
     return row
+
+
+def p_against_mse(rows: dict[str, dict], key: str) -> float | None:
+    """Paired t-test p of the row's per-slice Dice against its backbone's MSE row (the same seeds; slices valid in both)."""
+    import numpy as np
+    from scipy import stats
+
+    mse = rows.get(key.split("/")[0] + "/mse")
+    row = rows.get(key)
+    if key.endswith("/mse") or not mse or not row or not mse["dice_per_case"] or not row["dice_per_case"] \
+            or mse["seed_list"] != row["seed_list"]:
+        return None
+    common = sorted(set(mse["dice_per_case"]) & set(row["dice_per_case"]))
+    a = np.array([row["dice_per_case"][c] for c in common])
+    b = np.array([mse["dice_per_case"][c] for c in common])
+    valid = np.isfinite(a) & np.isfinite(b)
+    return float(stats.ttest_rel(a[valid], b[valid]).pvalue) if valid.sum() > 1 else None
 
 
 def reference_rows(results: Path) -> dict[str, dict]:
@@ -252,6 +284,10 @@ def reference_rows(results: Path) -> dict[str, dict]:
             rows[line["method"].lower()] = {**{f"{m}_mean": float(line[f"{m}_mean"]) for m in METRICS},
                                             "dice_std": float(line["dice_std"]), "n": int(line["n_slices"])}
     return rows
+
+
+def _p(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else (f"{value:.2g}" if value >= 1e-4 else "<1e-4")
 
 
 def _cell(value: float | None, digits: int = 2) -> str:
@@ -283,32 +319,34 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
     reference = reference_rows(results)
     paper, extra = spec["paper"][dataset], spec.get("paper_extra", {}).get(dataset, {})
     backbones = list(spec["backbones"])
-    header = ("| Backbone | Method | DSC | HD px | ASD px | folding % | s/step | seeds | paper DSC | paper HD | paper ASD "
-              "| paper folding % | paper s/step |")
+    header = ("| Backbone | Method | DSC | p vs MSE | HD px | ASD px | folding % | s/step | seeds | paper DSC | paper HD "
+              "| paper ASD | paper folding % | paper s/step |")
     lines = [f"# The paper's tables on {dataset.upper()}: our rows beside the paper's", "",
              f"Filled by `python scripts/run_tables.py --dataset {dataset} --dataset-dir <prepared> --out <folder>` "
              "(in one sitting or several: `--backbones`, `--methods` and `--seeds` choose the rows; finished rows are "
              "kept; each row's exact commands are in its folder's `cmd.sh` and `evaluate.sh`).", "",
              f"Budget: {budget}. Ours: mean ± std over test slices (mean over seeds when several; `seeds` says how "
-             "many), myocardium at ES, paper protocol; `–`: not run yet or not reported. s/step: seconds per training "
+             "many), myocardium at ES, paper protocol; `–`: not run yet or not reported. p vs MSE: paired t-test of "
+             "the per-slice Dice against the same backbone's MSE row (same seeds). s/step: seconds per training "
              "micro-step of 4 pairs (the paper's T_train), measured while other rows trained beside it.", ""]
     csv_rows = []
     for table in spec["tables"].values():
-        lines += [f"## {table['title']}", "", header, "|" + "---|" * 13]
+        lines += [f"## {table['title']}", "", header, "|" + "---|" * 14]
         if table["methods"][0] == "mse" or "mse" not in table["methods"]:
             for name in ("undeformed", "elastix") if table is spec["tables"].get("table1") else ():
                 ours = reference.get(name)
                 lines.append(f"| – | {name.capitalize()} | " + (
-                    f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {ours['hd_mean']:.2f} | {ours['asd_mean']:.2f} "
-                    f"| {ours['folding_mean']:.3f} | – | – " if ours else "– | – | – | – | – | – ")
+                    f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | – | {ours['hd_mean']:.2f} | {ours['asd_mean']:.2f} "
+                    f"| {ours['folding_mean']:.3f} | – | – " if ours else "– | – | – | – | – | – | – ")
                     + f"| {paper[name][0]:.2f} | {paper[name][1]:.2f} | {paper[name][2]:.2f} | – | – |")
         for backbone in backbones:
             for method in table["methods"]:
                 key = f"{backbone}/{method}"
                 ours, theirs, more = rows.get(key), paper.get(key), extra.get(key)
-                cells = (f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {ours['hd_mean']:.2f} | "
+                p_value = p_against_mse(rows, key)
+                cells = (f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {_p(p_value)} | {ours['hd_mean']:.2f} | "
                          f"{ours['asd_mean']:.2f} | {ours['folding_mean']:.3f} | {_cell(ours['seconds_per_step'])} | "
-                         f"{ours['seeds']}" if ours else "– | – | – | – | – | 0")
+                         f"{ours['seeds']}" if ours else "– | – | – | – | – | – | 0")
                 lines.append(f"| {spec['backbones'][backbone]['name']} | {spec['methods'][method]['name']} | {cells} | "
                              f"{_cell(theirs and theirs[0])} | {_cell(theirs and theirs[1])} | {_cell(theirs and theirs[2])} | "
                              f"{_cell(more and more[1])} | {_cell(more and more[2])} |")
@@ -317,7 +355,8 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
         lines.append("")
     for key, row in sorted(rows.items()):
         theirs = paper.get(key) or [math.nan] * 3
-        csv_rows.append({"row": key, **{k: v for k, v in row.items() if k != "dice_seed_range"},
+        csv_rows.append({"row": key, **{k: v for k, v in row.items() if k not in ("dice_seed_range", "dice_per_case")},
+                         "p_vs_mse": p_against_mse(rows, key),
                          "dice_seed_min": row["dice_seed_range"][0], "dice_seed_max": row["dice_seed_range"][1],
                          "paper_dice": theirs[0], "paper_hd": theirs[1], "paper_asd": theirs[2]})
     text = "\n".join(lines)
@@ -351,13 +390,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 alpha=schedule["alpha"].get(args.dataset), extra=extra, threads=args.threads, force=args.force)
 
 
-def budget_text(plan: Plan, schedule: str, micro_steps: int) -> str:
+def budget_text(plan: Plan, schedule: str, micro_steps: int, batch: int, accumulation: int) -> str:
     epochs = plan.motion_warmup + plan.joint
-    return (f"schedule_{schedule}.yaml, {epochs} displacement epochs x {micro_steps} micro-steps of 4 pairs "
-            f"(effective batch 8) per row, displacement lr {plan.lr:g}; two-network rows branch off their backbone's "
-            f"MSE run at epoch {plan.motion_warmup}, then {plan.scoring_warmup} + {plan.joint} epochs; alpha "
-            f"{plan.alpha:g} for every backbone; the weights at the end of the budget; 2-core CPU, "
-            "two rows trained at a time")
+    return (f"schedule_{schedule}.yaml, {epochs} displacement epochs x {micro_steps} micro-steps of {batch} pairs, an "
+            f"update every {accumulation} (effective batch {batch * accumulation}): "
+            f"{epochs * micro_steps // accumulation} displacement updates per "
+            f"row, displacement lr {plan.lr:g}; two-network rows branch off their backbone's MSE run at epoch "
+            f"{plan.motion_warmup}, then {plan.scoring_warmup} + {plan.joint} epochs; alpha {plan.alpha:g} for every "
+            "backbone; the weights at the end of the budget; 2-core CPU, two rows trained at a time")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -412,9 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = load_rows_file()
     plan = make_plan(args)
-    micro_steps = int(dict(zip(plan.extra[::2], plan.extra[1::2])).get(
-        "--epoch_length", yaml.safe_load((args.bundle / plan.dataset_config).read_text())["epoch_length"]))
-    budget = budget_text(plan, args.schedule, micro_steps)
+    dataset_config = yaml.safe_load((args.bundle / plan.dataset_config).read_text())
+    overrides = dict(zip(plan.extra[::2], plan.extra[1::2]))
+    micro_steps = int(overrides.get("--epoch_length", dataset_config["epoch_length"]))
+    accumulation = int(overrides.get("--accumulation_steps", dataset_config.get("accumulation_steps", 1)))
+    batch = int(overrides.get("--batch_size", dataset_config.get("batch_size", 1)))
+    budget = budget_text(plan, args.schedule, micro_steps, batch, accumulation)
     rows = make_rows(spec, args.backbones, args.methods, args.seeds)
     missing = sorted({c for row in rows for c in row.configs if not (args.bundle / c).is_file()})
     if args.dry_run:

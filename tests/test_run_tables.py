@@ -101,7 +101,7 @@ def test_step_time_is_the_median_training_epoch(tmp_path: Path):
     assert tables.seconds_per_step(log, 3, 100) == pytest.approx(0.9)  # the joint epochs only
 
 
-def _finished(results: Path, key: str, seed: int, dice: float, step: float = 0.5) -> dict:
+def _finished(results: Path, key: str, seed: int, dice: float, step: float = 0.5, cases: dict | None = None) -> dict:
     """A finished row's result file as run_row records it."""
     backbone, method = key.split("/")
     path = results / backbone / method / f"seed{seed}.json"
@@ -109,23 +109,30 @@ def _finished(results: Path, key: str, seed: int, dice: float, step: float = 0.5
     metric = lambda mean: {"mean": mean, "std": 1.0, "n": 9}  # noqa: E731
     path.write_text(json.dumps({
         "row": key, "backbone": backbone, "method": method, "seed": seed, "dice": metric(dice), "hd": metric(5.0),
-        "asd": metric(1.2), "folding": metric(0.0), "seconds_per_step": step, "training_seconds": 600}))
+        "asd": metric(1.2), "folding": metric(0.0), "seconds_per_step": step, "training_seconds": 600,
+        **({"dice_per_case": cases} if cases else {})}))
     return json.loads(path.read_text())
 
 
 def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs(tmp_path: Path):
     out = tmp_path / "t"
-    _finished(out, "vxm/mse", 0, 80.0)
-    _finished(out, "vxm/mse", 1, 82.0, step=0.7)
-    _finished(out, "vxm/adacs", 0, 79.0)
+    cases = lambda shift: {f"s{i}": 70.0 + i + shift for i in range(8)} | {"s8": float("nan")}  # noqa: E731
+    _finished(out, "vxm/mse", 0, 80.0, cases=cases(0.0))
+    _finished(out, "vxm/mse", 1, 82.0, step=0.7, cases=cases(2.0))
+    _finished(out, "vxm/adacs", 0, 79.0, cases=cases(1.0))  # seed 0 only: no test against the two-seed MSE
+    noisy = {f"s{i}": 71.0 + i + (0.5 if i % 2 else -0.5) for i in range(8)} | {"s8": 50.0}
+    _finished(out, "vxm/adareg", 0, 81.0, cases=noisy)
+    _finished(out, "vxm/adareg", 1, 83.0, cases={k: v + 2.0 for k, v in noisy.items()})
     report = tmp_path / "report.md"
     tables.write_tables(SPEC, "acdc", out, out, "a stated budget", report)
     text = (out / "tables.md").read_text()
     assert report.read_text() == text and "a stated budget" in text
-    assert "| VoxelMorph | MSE | 81.00 ± 1.00 | 5.00 | 1.20 | 0.000 | 0.60 | 2 | 79.48 | 4.79 | 1.27 | 0.29 | 0.26 |" in text
-    assert "| VoxelMorph | AdaCS | 79.00 ± 1.00 |" in text
-    assert "| TransMorph | NLL | – | – | – | – | – | 0 | 73.12 | 7.22 | 1.27 | – | – |" in text
-    assert "**different best: ours MSE, the paper's AdaCS**" in text
+    assert "| VoxelMorph | MSE | 81.00 ± 1.00 | – | 5.00 | 1.20 | 0.000 | 0.60 | 2 | 79.48 | 4.79 | 1.27 | 0.29 | 0.26 |" in text
+    assert "| VoxelMorph | AdaCS | 79.00 ± 1.00 | – |" in text
+    # AdaReg - MSE per slice (seed means, the NaN slice left out): 0.5, 1.5, 0.5, ... : t = 5.29 with 7 df
+    assert "| VoxelMorph | AdaReg | 82.00 ± 1.00 | 0.0011 |" in text
+    assert "| TransMorph | NLL | – | – | – | – | – | – | 0 | 73.12 | 7.22 | 1.27 | – | – |" in text
+    assert "**different best: ours AdaReg, the paper's AdaCS**" in text
     assert text.count("## Table") == 3
     csv_text = (out / "tables.csv").read_text()
     assert csv_text.splitlines()[0].startswith("row,") and "vxm/mse" in csv_text and "80.0,82.0" in csv_text
@@ -181,9 +188,10 @@ def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
     for method in ("mse", "adacs"):
         result = json.loads((out / "vxm" / method / "seed0" / "row.json").read_text())
         assert result["dice"]["n"] == 3 and 0 <= result["dice"]["mean"] <= 100
-        assert result["seconds_per_step"] > 0
+        assert result["seconds_per_step"] > 0 and len(result["dice_per_case"]) == 3
     assert "checkpoint_epoch=1.pt" in (out / "vxm" / "adacs" / "seed0" / "cmd.sh").read_text()
     text = (out / "tables.md").read_text()
+    assert "2 displacement epochs x 2 micro-steps of 2 pairs, an update every 2 (effective batch 4): 2 displacement updates" in text
     assert "| VoxelMorph | AdaCS | " in text and "| VoxelMorph | AdaCS, L_smooth off | – |" in text
     logs = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/train.log")}
     assert len(logs) == 2 and tables.main(argv) == 0
