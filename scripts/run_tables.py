@@ -204,7 +204,6 @@ def run_row(plan: Plan, row: Row, out: Path, results: Path, micro_steps: int, de
     first = plan.motion_warmup + plan.scoring_warmup + 1 if row.branched else 1
     result = {"row": row.key, "backbone": row.backbone, "method": row.method, "seed": row.seed,
               **{metric: summary_metric(test_dir, metric) for metric in METRICS},
-              "dice_per_case": dice_per_case(test_dir),
               "seconds_per_step": seconds_per_step(run_dir / "train.log", first, micro_steps),
               "training_seconds": timing["seconds"], "branched": row.branched,
               "budget": {"displacement_epochs": plan.motion_warmup + plan.joint, "lr": plan.lr}}
@@ -218,13 +217,9 @@ def record_finished(out: Path, results: Path) -> None:
     """Copy the results of rows finished in ``out`` (and its reference table) that ``results`` lacks."""
     for path in out.glob("*/*/seed*/row.json"):
         target = results / path.parts[-4] / path.parts[-3] / f"{path.parts[-2]}.json"
-        result = json.loads((target if target.is_file() else path).read_text())
-        if "dice_per_case" not in result and (path.parent / "test" / "paper_dice_raw.csv").is_file():
-            result["dice_per_case"] = dice_per_case(path.parent / "test")  # rows recorded before it was kept
-        elif target.is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=1))
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     if (out / "reference" / "results.csv").is_file() and not (results / "reference.csv").is_file():
         results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / "reference" / "results.csv", results / "reference.csv")
@@ -232,11 +227,15 @@ def record_finished(out: Path, results: Path) -> None:
 
 # ---- tables ---------------------------------------------------------------------------------------------------------
 
-def finished_rows(results: Path) -> dict[str, list[dict]]:
-    """Every finished row in ``results``, by ``backbone/method``, one entry per seed."""
+def finished_rows(results: Path, out: Path) -> dict[str, list[dict]]:
+    """Every finished row in ``results``, by ``backbone/method``, one entry per seed; with its per-slice Dice where
+    its evaluation is in ``out`` (kept there only: per-slice values of the datasets are not committed)."""
     found: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*/*/seed*.json")):
         result = json.loads(path.read_text())
+        test_dir = out / result["backbone"] / result["method"] / path.stem / "test"
+        if (test_dir / "paper_dice_raw.csv").is_file():
+            result["dice_per_case"] = dice_per_case(test_dir)
         found.setdefault(result["row"], []).append(result)
     return found
 
@@ -256,21 +255,31 @@ def pooled(results: list[dict]) -> dict:
     return row
 
 
-def p_against_mse(rows: dict[str, dict], key: str) -> float | None:
-    """Paired t-test p of the row's per-slice Dice against its backbone's MSE row (the same seeds; slices valid in both)."""
+def p_against_mse(rows: dict[str, dict], key: str, results: Path) -> float | None:
+    """Paired t-test p of the row's per-slice Dice (mean over its seeds) against its backbone's MSE row with the same
+    seeds, over the slices valid in both. Computed where both evaluations are in ``out`` and kept in
+    ``<results>/<backbone>/<method>/p_vs_mse.json`` (read back on a machine without them)."""
     import numpy as np
     from scipy import stats
 
-    mse = rows.get(key.split("/")[0] + "/mse")
-    row = rows.get(key)
-    if key.endswith("/mse") or not mse or not row or not mse["dice_per_case"] or not row["dice_per_case"] \
-            or mse["seed_list"] != row["seed_list"]:
+    mse, row = rows.get(key.split("/")[0] + "/mse"), rows.get(key)
+    if key.endswith("/mse") or not mse or not row or mse["seed_list"] != row["seed_list"]:
         return None
-    common = sorted(set(mse["dice_per_case"]) & set(row["dice_per_case"]))
-    a = np.array([row["dice_per_case"][c] for c in common])
-    b = np.array([mse["dice_per_case"][c] for c in common])
-    valid = np.isfinite(a) & np.isfinite(b)
-    return float(stats.ttest_rel(a[valid], b[valid]).pvalue) if valid.sum() > 1 else None
+    kept = results / key / "p_vs_mse.json"
+    if mse["dice_per_case"] and row["dice_per_case"]:
+        common = sorted(set(mse["dice_per_case"]) & set(row["dice_per_case"]))
+        a = np.array([row["dice_per_case"][c] for c in common])
+        b = np.array([mse["dice_per_case"][c] for c in common])
+        valid = np.isfinite(a) & np.isfinite(b)
+        if valid.sum() < 2:
+            return None
+        p = float(stats.ttest_rel(a[valid], b[valid]).pvalue)
+        kept.write_text(json.dumps({"seeds": row["seed_list"], "p": p, "slices": int(valid.sum())}, indent=1))
+        return p
+    if kept.is_file():
+        stored = json.loads(kept.read_text())
+        return stored["p"] if stored["seeds"] == row["seed_list"] else None
+    return None
 
 
 def reference_rows(results: Path) -> dict[str, dict]:
@@ -315,7 +324,7 @@ def ordering_notes(spec: dict, dataset: str, rows: dict[str, dict], backbones: l
 def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str, report: Path | None) -> None:
     """``<out>/tables.md`` / ``tables.csv`` from every finished row in ``results`` (and the reference rows), in the
     paper's layout."""
-    rows = {key: pooled(seeds) for key, seeds in finished_rows(results).items()}
+    rows = {key: pooled(seeds) for key, seeds in finished_rows(results, out).items()}
     reference = reference_rows(results)
     paper, extra = spec["paper"][dataset], spec.get("paper_extra", {}).get(dataset, {})
     backbones = list(spec["backbones"])
@@ -343,7 +352,7 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
             for method in table["methods"]:
                 key = f"{backbone}/{method}"
                 ours, theirs, more = rows.get(key), paper.get(key), extra.get(key)
-                p_value = p_against_mse(rows, key)
+                p_value = p_against_mse(rows, key, results)
                 cells = (f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {_p(p_value)} | {ours['hd_mean']:.2f} | "
                          f"{ours['asd_mean']:.2f} | {ours['folding_mean']:.3f} | {_cell(ours['seconds_per_step'])} | "
                          f"{ours['seeds']}" if ours else "– | – | – | – | – | – | 0")
@@ -356,7 +365,7 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
     for key, row in sorted(rows.items()):
         theirs = paper.get(key) or [math.nan] * 3
         csv_rows.append({"row": key, **{k: v for k, v in row.items() if k not in ("dice_seed_range", "dice_per_case")},
-                         "p_vs_mse": p_against_mse(rows, key),
+                         "p_vs_mse": p_against_mse(rows, key, results),
                          "dice_seed_min": row["dice_seed_range"][0], "dice_seed_max": row["dice_seed_range"][1],
                          "paper_dice": theirs[0], "paper_hd": theirs[1], "paper_asd": theirs[2]})
     text = "\n".join(lines)

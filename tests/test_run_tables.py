@@ -102,15 +102,20 @@ def test_step_time_is_the_median_training_epoch(tmp_path: Path):
 
 
 def _finished(results: Path, key: str, seed: int, dice: float, step: float = 0.5, cases: dict | None = None) -> dict:
-    """A finished row's result file as run_row records it."""
+    """A finished row's result file as run_row records it; ``cases``: its evaluation's per-slice Dice CSV in the
+    run folder (``results`` is also the ``out`` folder here)."""
     backbone, method = key.split("/")
     path = results / backbone / method / f"seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     metric = lambda mean: {"mean": mean, "std": 1.0, "n": 9}  # noqa: E731
     path.write_text(json.dumps({
         "row": key, "backbone": backbone, "method": method, "seed": seed, "dice": metric(dice), "hd": metric(5.0),
-        "asd": metric(1.2), "folding": metric(0.0), "seconds_per_step": step, "training_seconds": 600,
-        **({"dice_per_case": cases} if cases else {})}))
+        "asd": metric(1.2), "folding": metric(0.0), "seconds_per_step": step, "training_seconds": 600}))
+    if cases:
+        test = results / backbone / method / f"seed{seed}" / "test"
+        test.mkdir(parents=True)
+        (test / "paper_dice_raw.csv").write_text("filename,class0,mean\n" + "".join(
+            f"/data/{case}.nii.gz,{value},{value}\n" for case, value in cases.items()))
     return json.loads(path.read_text())
 
 
@@ -131,11 +136,19 @@ def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs
     assert "| VoxelMorph | AdaCS | 79.00 ± 1.00 | – |" in text
     # AdaReg - MSE per slice (seed means, the NaN slice left out): 0.5, 1.5, 0.5, ... : t = 5.29 with 7 df
     assert "| VoxelMorph | AdaReg | 82.00 ± 1.00 | 0.0011 |" in text
+    assert json.loads((out / "vxm" / "adareg" / "p_vs_mse.json").read_text())["slices"] == 8
     assert "| TransMorph | NLL | – | – | – | – | – | – | 0 | 73.12 | 7.22 | 1.27 | – | – |" in text
     assert "**different best: ours AdaReg, the paper's AdaCS**" in text
     assert text.count("## Table") == 3
     csv_text = (out / "tables.csv").read_text()
     assert csv_text.splitlines()[0].startswith("row,") and "vxm/mse" in csv_text and "80.0,82.0" in csv_text
+    # another machine: the results without the evaluations (per-slice values are not committed); the kept p is used
+    import shutil
+
+    for test in out.glob("*/*/seed*/test"):
+        shutil.rmtree(test)
+    tables.write_tables(SPEC, "acdc", out, out, "a stated budget", None)
+    assert (out / "tables.md").read_text() == text
 
 
 def test_a_missing_config_fails_its_rows_and_the_others_finish(prepared: Path, tmp_path: Path, monkeypatch, capsys):
@@ -188,7 +201,7 @@ def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
     for method in ("mse", "adacs"):
         result = json.loads((out / "vxm" / method / "seed0" / "row.json").read_text())
         assert result["dice"]["n"] == 3 and 0 <= result["dice"]["mean"] <= 100
-        assert result["seconds_per_step"] > 0 and len(result["dice_per_case"]) == 3
+        assert result["seconds_per_step"] > 0 and "dice_per_case" not in result
     assert "checkpoint_epoch=1.pt" in (out / "vxm" / "adacs" / "seed0" / "cmd.sh").read_text()
     text = (out / "tables.md").read_text()
     assert "2 displacement epochs x 2 micro-steps of 2 pairs, an update every 2 (effective batch 4): 2 displacement updates" in text
@@ -197,7 +210,7 @@ def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
     assert len(logs) == 2 and tables.main(argv) == 0
     assert logs == {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/train.log")}  # finished rows are kept
     assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*.json")) == [
-        "vxm/adacs/seed0.json", "vxm/mse/seed0.json"]
+        "vxm/adacs/p_vs_mse.json", "vxm/adacs/seed0.json", "vxm/mse/seed0.json"]
     # another machine: only --results survives; nothing is trained again and the tables are the same
     import shutil
 
