@@ -86,8 +86,9 @@ def load_rows_file(path: Path = ROWS_FILE) -> dict:
 
 
 def make_rows(spec: dict, backbones: list[str], methods: list[str], seeds: list[int]) -> list[Row]:
-    """The rows to run, backbone by backbone: its MSE rows first (two-network rows branch off them and wait for them),
-    then its one-network rows, then its two-network rows."""
+    """The rows to run: every MSE row first (two-network rows branch off them and wait for them), then the other
+    one-network rows, then the two-network rows, each backbone by backbone, so that no worker waits while a row is
+    ready."""
     rows = []
     for backbone in backbones:
         for method in methods:
@@ -97,7 +98,7 @@ def make_rows(spec: dict, backbones: list[str], methods: list[str], seeds: list[
                                 tuple(entry.get("configs", [])),
                                 tuple((k, str(v)) for k, v in (entry.get("args") or {}).items()),
                                 entry["kind"] == "branched"))
-    rank = lambda row: (backbones.index(row.backbone), row.method != "mse", row.branched)  # noqa: E731
+    rank = lambda row: (row.method != "mse", row.branched, backbones.index(row.backbone))  # noqa: E731
     return sorted(rows, key=rank)
 
 
