@@ -278,15 +278,21 @@ def compare_seed(args: argparse.Namespace, out: Path, seed: int, times: tuple[st
     return table
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
-    schedule = load_schedule(schedule_file(args.bundle, args.schedule))
-    alpha = args.alpha if args.alpha is not None else schedule["alpha"].get(args.dataset)
+def bundle_overrides(items: list[str]) -> list[str]:
+    """``--bundle-arg KEY=VALUE`` items as bundle command-line overrides (``--KEY VALUE``)."""
     extra: list[str] = []
-    for item in args.bundle_arg:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"error: --bundle-arg {item!r} is not KEY=VALUE")
         extra += [f"--{key}", value]
+    return extra
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    schedule = load_schedule(schedule_file(args.bundle, args.schedule))
+    alpha = args.alpha if args.alpha is not None else schedule["alpha"].get(args.dataset)
+    extra = bundle_overrides(args.bundle_arg)
     dataset_config = args.dataset_config or f"configs/{args.dataset}.yaml"
     if not (args.bundle / dataset_config).is_file():
         raise SystemExit(f"error: {args.bundle / dataset_config} does not exist")

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import yaml
 
-from run_experiment import (REPO, Plan, RunFailed, branch_checkpoint, bundle_command, load_schedule, run_logged,
+from run_experiment import (REPO, Plan, RunFailed, branch_checkpoint, bundle_command, bundle_overrides, load_schedule,
+                            run_logged,
                             schedule_file, schedule_names, shell_script, train)
 
 ROWS_FILE = Path(__file__).with_name("paper_tables.yaml")
@@ -384,12 +385,7 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
 
 def make_plan(args: argparse.Namespace) -> Plan:
     schedule = load_schedule(schedule_file(args.bundle, args.schedule))
-    extra: list[str] = []
-    for item in args.bundle_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --bundle-arg {item!r} is not KEY=VALUE")
-        extra += [f"--{key}", value]
+    extra = bundle_overrides(args.bundle_arg)
     pick = lambda name, key: getattr(args, name) if getattr(args, name) is not None else schedule[key]  # noqa: E731
     if not (args.dataset_dir / "datalist.json").is_file():
         raise SystemExit(f"error: {args.dataset_dir} has no datalist.json: prepare it with scripts/prepare_{args.dataset}.py")

@@ -54,7 +54,7 @@ class BundleInferTask(InferTask):
             check_image_size(net, getattr(self, "image_size", (128, 128)), "displacement network", self.device)
         except SystemExit as error:  # a server answers the request instead of exiting
             raise MONAILabelException(MONAILabelError.SERVER_ERROR, str(error).removeprefix("error: ")) from None
-        return net.to(self.device).eval()
+        return net.eval()
 
     def _refiner(self):
         """The bundle's test-time refiner from ``refine`` (``None`` when off); the scoring weights checked by the
