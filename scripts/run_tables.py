@@ -45,8 +45,7 @@ from pathlib import Path
 import yaml
 
 from run_experiment import (REPO, Plan, RunFailed, branch_checkpoint, bundle_command, bundle_overrides, load_schedule,
-                            run_logged,
-                            schedule_file, schedule_names, shell_script, train)
+                            run_logged, schedule_file, schedule_names, shell_script, train)
 
 ROWS_FILE = Path(__file__).with_name("paper_tables.yaml")
 METRICS = ("dice", "hd", "asd", "folding")
