@@ -23,6 +23,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long test, run with --runslow or ADACS_RUN_SLOW=1")
+    share_cores_between_workers()
+
+
+def share_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n``), give each worker and the commands it starts its share of the cores.
+
+    Two workers with torch's default of one thread per core would each spin on every core; an explicit
+    ``OMP_NUM_THREADS`` is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
