@@ -251,6 +251,7 @@ def pooled(results: list[dict]) -> dict:
                 if all(cases) and all(set(c) == set(cases[0]) for c in cases) else None)
     row.update(seeds=len(results), n=results[0]["dice"]["n"], seconds_per_step=mean(steps) if steps else math.nan,
                dice_per_case=per_case, seed_list=sorted(r["seed"] for r in results),
+               dice_by_seed={r["seed"]: r["dice"]["mean"] for r in results},
                training_minutes=mean([r["training_seconds"] for r in results]) / 60,
                dice_seed_range=(min(r["dice"]["mean"] for r in results), max(r["dice"]["mean"] for r in results)))
     return row
@@ -281,6 +282,20 @@ def p_against_mse(rows: dict[str, dict], key: str, results: Path) -> float | Non
         stored = json.loads(kept.read_text())
         return stored["p"] if stored["seeds"] == row["seed_list"] else None
     return None
+
+
+def p_over_seeds(rows: dict[str, dict], key: str, least: int = 3) -> float | None:
+    """Paired t-test p of the row's mean Dice per training seed against its backbone's MSE row's, over the seeds both
+    have (at least ``least``): does the gap survive retraining? (The per-slice p does not ask that.)"""
+    from scipy import stats
+
+    mse, row = rows.get(key.split("/")[0] + "/mse"), rows.get(key)
+    if key.endswith("/mse") or not mse or not row:
+        return None
+    seeds = sorted(set(mse["dice_by_seed"]) & set(row["dice_by_seed"]))
+    if len(seeds) < least:
+        return None
+    return float(stats.ttest_rel([row["dice_by_seed"][s] for s in seeds], [mse["dice_by_seed"][s] for s in seeds]).pvalue)
 
 
 def reference_rows(results: Path) -> dict[str, dict]:
@@ -329,7 +344,7 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
     reference = reference_rows(results)
     paper, extra = spec["paper"][dataset], spec.get("paper_extra", {}).get(dataset, {})
     backbones = list(spec["backbones"])
-    header = ("| Backbone | Method | DSC | p vs MSE | HD px | ASD px | folding % | s/step | seeds | paper DSC | paper HD "
+    header = ("| Backbone | Method | DSC | p vs MSE | p seeds | HD px | ASD px | folding % | s/step | seeds | paper DSC | paper HD "
               "| paper ASD | paper folding % | paper s/step |")
     lines = [f"# The paper's tables on {dataset.upper()}: our rows beside the paper's", "",
              f"Filled by `python scripts/run_tables.py --dataset {dataset} --dataset-dir <prepared> --out <folder>` "
@@ -337,26 +352,29 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
              "kept; each row's exact commands are in its folder's `cmd.sh` and `evaluate.sh`).", "",
              f"Budget: {budget}. Ours: mean ± std over test slices (mean over seeds when several; `seeds` says how "
              "many), myocardium at ES, paper protocol; `–`: not run yet or not reported. p vs MSE: paired t-test of "
-             "the per-slice Dice against the same backbone's MSE row (same seeds). s/step: seconds per training "
+             "the per-slice Dice against the same backbone's MSE row (same seeds); it says how consistently a row differs "
+             "across slices, not across training runs. p seeds: paired t-test of the mean Dice per training seed against "
+             "MSE's (three seeds or more): whether the gap survives retraining. s/step: seconds per training "
              "micro-step of 4 pairs (the paper's T_train), measured while other rows trained beside it.", ""]
     csv_rows = []
     for table in spec["tables"].values():
-        lines += [f"## {table['title']}", "", header, "|" + "---|" * 14]
+        lines += [f"## {table['title']}", "", header, "|" + "---|" * 15]
         if table["methods"][0] == "mse" or "mse" not in table["methods"]:
             for name in ("undeformed", "elastix") if table is spec["tables"].get("table1") else ():
                 ours = reference.get(name)
                 lines.append(f"| – | {name.capitalize()} | " + (
-                    f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | – | {ours['hd_mean']:.2f} | {ours['asd_mean']:.2f} "
-                    f"| {ours['folding_mean']:.3f} | – | – " if ours else "– | – | – | – | – | – | – ")
+                    f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | – | – | {ours['hd_mean']:.2f} | {ours['asd_mean']:.2f} "
+                    f"| {ours['folding_mean']:.3f} | – | – " if ours else "– | – | – | – | – | – | – | – ")
                     + f"| {paper[name][0]:.2f} | {paper[name][1]:.2f} | {paper[name][2]:.2f} | – | – |")
         for backbone in backbones:
             for method in table["methods"]:
                 key = f"{backbone}/{method}"
                 ours, theirs, more = rows.get(key), paper.get(key), extra.get(key)
                 p_value = p_against_mse(rows, key, results)
-                cells = (f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {_p(p_value)} | {ours['hd_mean']:.2f} | "
+                cells = (f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {_p(p_value)} | {_p(p_over_seeds(rows, key))} | "
+                         f"{ours['hd_mean']:.2f} | "
                          f"{ours['asd_mean']:.2f} | {ours['folding_mean']:.3f} | {_cell(ours['seconds_per_step'])} | "
-                         f"{ours['seeds']}" if ours else "– | – | – | – | – | – | 0")
+                         f"{ours['seeds']}" if ours else "– | – | – | – | – | – | – | 0")
                 lines.append(f"| {spec['backbones'][backbone]['name']} | {spec['methods'][method]['name']} | {cells} | "
                              f"{_cell(theirs and theirs[0])} | {_cell(theirs and theirs[1])} | {_cell(theirs and theirs[2])} | "
                              f"{_cell(more and more[1])} | {_cell(more and more[2])} |")
@@ -365,8 +383,8 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
         lines.append("")
     for key, row in sorted(rows.items()):
         theirs = paper.get(key) or [math.nan] * 3
-        csv_rows.append({"row": key, **{k: v for k, v in row.items() if k not in ("dice_seed_range", "dice_per_case")},
-                         "p_vs_mse": p_against_mse(rows, key, results),
+        csv_rows.append({"row": key, **{k: v for k, v in row.items() if k not in ("dice_seed_range", "dice_per_case", "dice_by_seed")},
+                         "p_vs_mse": p_against_mse(rows, key, results), "p_over_seeds": p_over_seeds(rows, key),
                          "dice_seed_min": row["dice_seed_range"][0], "dice_seed_max": row["dice_seed_range"][1],
                          "paper_dice": theirs[0], "paper_hd": theirs[1], "paper_asd": theirs[2]})
     text = "\n".join(lines)

@@ -132,12 +132,12 @@ def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs
     tables.write_tables(SPEC, "acdc", out, out, "a stated budget", report)
     text = (out / "tables.md").read_text()
     assert report.read_text() == text and "a stated budget" in text
-    assert "| VoxelMorph | MSE | 81.00 ± 1.00 | – | 5.00 | 1.20 | 0.000 | 0.60 | 2 | 79.48 | 4.79 | 1.27 | 0.29 | 0.26 |" in text
-    assert "| VoxelMorph | AdaCS | 79.00 ± 1.00 | – |" in text
+    assert "| VoxelMorph | MSE | 81.00 ± 1.00 | – | – | 5.00 | 1.20 | 0.000 | 0.60 | 2 | 79.48 | 4.79 | 1.27 | 0.29 | 0.26 |" in text
+    assert "| VoxelMorph | AdaCS | 79.00 ± 1.00 | – | – |" in text
     # AdaReg - MSE per slice (seed means, the NaN slice left out): 0.5, 1.5, 0.5, ... : t = 5.29 with 7 df
-    assert "| VoxelMorph | AdaReg | 82.00 ± 1.00 | 0.0011 |" in text
+    assert "| VoxelMorph | AdaReg | 82.00 ± 1.00 | 0.0011 | – |"  # two seeds: no test over seeds in text
     assert json.loads((out / "vxm" / "adareg" / "p_vs_mse.json").read_text())["slices"] == 8
-    assert "| TransMorph | NLL | – | – | – | – | – | – | 0 | 73.12 | 7.22 | 1.27 | – | – |" in text
+    assert "| TransMorph | NLL | – | – | – | – | – | – | – | 0 | 73.12 | 7.22 | 1.27 | – | – |" in text
     assert "**different best: ours AdaReg, the paper's AdaCS**" in text
     assert text.count("## Table") == 3
     csv_text = (out / "tables.csv").read_text()
@@ -149,6 +149,21 @@ def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs
         shutil.rmtree(test)
     tables.write_tables(SPEC, "acdc", out, out, "a stated budget", None)
     assert (out / "tables.md").read_text() == text
+
+
+def test_the_gap_to_mse_is_tested_over_training_seeds_once_there_are_three(tmp_path: Path):
+    out = tmp_path / "t"
+    for seed, mse, adacs in ((0, 80.0, 79.0), (1, 82.0, 81.5), (2, 81.0, 80.0)):
+        _finished(out, "vxm/mse", seed, mse)
+        _finished(out, "vxm/adacs", seed, adacs)
+    _finished(out, "vxm/nll", 0, 70.0)
+    _finished(out, "vxm/nll", 1, 71.0)
+    rows = {key: tables.pooled(seeds) for key, seeds in tables.finished_rows(out, out).items()}
+    # differences -1, -0.5, -1: mean -0.833, sd 0.289, t = -5.0 with 2 df
+    assert tables.p_over_seeds(rows, "vxm/adacs") == pytest.approx(0.0377, abs=1e-4)
+    assert tables.p_over_seeds(rows, "vxm/nll") is None and tables.p_over_seeds(rows, "vxm/mse") is None
+    tables.write_tables(SPEC, "acdc", out, out, "a stated budget", None)
+    assert "| VoxelMorph | AdaCS | 80.17 ± 1.00 | – | 0.038 |" in (out / "tables.md").read_text()
 
 
 def test_a_missing_config_fails_its_rows_and_the_others_finish(prepared: Path, tmp_path: Path, monkeypatch, capsys):
