@@ -295,7 +295,8 @@ def p_over_seeds(rows: dict[str, dict], key: str, least: int = 3) -> float | Non
     seeds = sorted(set(mse["dice_by_seed"]) & set(row["dice_by_seed"]))
     if len(seeds) < least:
         return None
-    return float(stats.ttest_rel([row["dice_by_seed"][s] for s in seeds], [mse["dice_by_seed"][s] for s in seeds]).pvalue)
+    ours, baseline = [row["dice_by_seed"][s] for s in seeds], [mse["dice_by_seed"][s] for s in seeds]
+    return float(stats.ttest_rel(ours, baseline).pvalue)
 
 
 def reference_rows(results: Path) -> dict[str, dict]:
@@ -344,18 +345,19 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
     reference = reference_rows(results)
     paper, extra = spec["paper"][dataset], spec.get("paper_extra", {}).get(dataset, {})
     backbones = list(spec["backbones"])
-    header = ("| Backbone | Method | DSC | p vs MSE | p seeds | HD px | ASD px | folding % | s/step | seeds | paper DSC | paper HD "
-              "| paper ASD | paper folding % | paper s/step |")
+    header = ("| Backbone | Method | DSC | p vs MSE | p seeds | HD px | ASD px | folding % | s/step | seeds | paper DSC "
+              "| paper HD | paper ASD | paper folding % | paper s/step |")
     lines = [f"# The paper's tables on {dataset.upper()}: our rows beside the paper's", "",
              f"Filled by `python scripts/run_tables.py --dataset {dataset} --dataset-dir <prepared> --out <folder>` "
              "(in one sitting or several: `--backbones`, `--methods` and `--seeds` choose the rows; finished rows are "
              "kept; each row's exact commands are in its folder's `cmd.sh` and `evaluate.sh`).", "",
              f"Budget: {budget}. Ours: mean ± std over test slices (mean over seeds when several; `seeds` says how "
              "many), myocardium at ES, paper protocol; `–`: not run yet or not reported. p vs MSE: paired t-test of "
-             "the per-slice Dice against the same backbone's MSE row (same seeds); it says how consistently a row differs "
-             "across slices, not across training runs. p seeds: paired t-test of the mean Dice per training seed against "
-             "MSE's (three seeds or more): whether the gap survives retraining. s/step: seconds per training "
-             "micro-step of 4 pairs (the paper's T_train), measured while other rows trained beside it.", ""]
+             "the per-slice Dice against the same backbone's MSE row (same seeds); it says how consistently a row "
+             "differs across slices, not across training runs. p seeds: paired t-test of the mean Dice per training "
+             "seed against MSE's (three seeds or more): whether the gap survives retraining. "
+             "s/step: seconds per training micro-step of 4 pairs (the paper's T_train), measured while other rows "
+             "trained beside it.", ""]
     csv_rows = []
     for table in spec["tables"].values():
         lines += [f"## {table['title']}", "", header, "|" + "---|" * 15]
@@ -371,9 +373,8 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
                 key = f"{backbone}/{method}"
                 ours, theirs, more = rows.get(key), paper.get(key), extra.get(key)
                 p_value = p_against_mse(rows, key, results)
-                cells = (f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {_p(p_value)} | {_p(p_over_seeds(rows, key))} | "
-                         f"{ours['hd_mean']:.2f} | "
-                         f"{ours['asd_mean']:.2f} | {ours['folding_mean']:.3f} | {_cell(ours['seconds_per_step'])} | "
+                cells = (f"{ours['dice_mean']:.2f} ± {ours['dice_std']:.2f} | {_p(p_value)} | "
+                         f"{_p(p_over_seeds(rows, key))} | {ours['hd_mean']:.2f} | {ours['asd_mean']:.2f} | {ours['folding_mean']:.3f} | {_cell(ours['seconds_per_step'])} | "
                          f"{ours['seeds']}" if ours else "– | – | – | – | – | – | – | 0")
                 lines.append(f"| {spec['backbones'][backbone]['name']} | {spec['methods'][method]['name']} | {cells} | "
                              f"{_cell(theirs and theirs[0])} | {_cell(theirs and theirs[1])} | {_cell(theirs and theirs[2])} | "
@@ -383,7 +384,8 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
         lines.append("")
     for key, row in sorted(rows.items()):
         theirs = paper.get(key) or [math.nan] * 3
-        csv_rows.append({"row": key, **{k: v for k, v in row.items() if k not in ("dice_seed_range", "dice_per_case", "dice_by_seed")},
+        kept = {k: v for k, v in row.items() if k not in ("dice_seed_range", "dice_per_case", "dice_by_seed")}
+        csv_rows.append({"row": key, **kept,
                          "p_vs_mse": p_against_mse(rows, key, results), "p_over_seeds": p_over_seeds(rows, key),
                          "dice_seed_min": row["dice_seed_range"][0], "dice_seed_max": row["dice_seed_range"][1],
                          "paper_dice": theirs[0], "paper_hd": theirs[1], "paper_asd": theirs[2]})
