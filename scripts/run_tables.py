@@ -252,9 +252,15 @@ def pooled(results: list[dict]) -> dict:
     row.update(seeds=len(results), n=results[0]["dice"]["n"], seconds_per_step=mean(steps) if steps else math.nan,
                dice_per_case=per_case, seed_list=sorted(r["seed"] for r in results),
                dice_by_seed={r["seed"]: r["dice"]["mean"] for r in results},
-               training_minutes=mean([r["training_seconds"] for r in results]) / 60,
-               dice_seed_range=(min(r["dice"]["mean"] for r in results), max(r["dice"]["mean"] for r in results)))
+               training_minutes=mean([r["training_seconds"] for r in results]) / 60)
+    row["dice_seed_range"] = (min(row["dice_by_seed"].values()), max(row["dice_by_seed"].values()))
     return row
+
+
+def _with_mse(rows: dict[str, dict], key: str) -> tuple[dict, dict] | None:
+    """The row and its backbone's MSE row, or None for an MSE row or when either is missing."""
+    mse, row = rows.get(key.split("/")[0] + "/mse"), rows.get(key)
+    return None if key.endswith("/mse") or not mse or not row else (row, mse)
 
 
 def p_against_mse(rows: dict[str, dict], key: str, results: Path) -> float | None:
@@ -264,9 +270,10 @@ def p_against_mse(rows: dict[str, dict], key: str, results: Path) -> float | Non
     import numpy as np
     from scipy import stats
 
-    mse, row = rows.get(key.split("/")[0] + "/mse"), rows.get(key)
-    if key.endswith("/mse") or not mse or not row or mse["seed_list"] != row["seed_list"]:
+    pair = _with_mse(rows, key)
+    if not pair or pair[0]["seed_list"] != pair[1]["seed_list"]:
         return None
+    row, mse = pair
     kept = results / key / "p_vs_mse.json"
     if mse["dice_per_case"] and row["dice_per_case"]:
         common = sorted(set(mse["dice_per_case"]) & set(row["dice_per_case"]))
@@ -289,9 +296,10 @@ def p_over_seeds(rows: dict[str, dict], key: str, least: int = 3) -> float | Non
     have (at least ``least``): does the gap survive retraining? (The per-slice p does not ask that.)"""
     from scipy import stats
 
-    mse, row = rows.get(key.split("/")[0] + "/mse"), rows.get(key)
-    if key.endswith("/mse") or not mse or not row:
+    pair = _with_mse(rows, key)
+    if not pair:
         return None
+    row, mse = pair
     seeds = sorted(set(mse["dice_by_seed"]) & set(row["dice_by_seed"]))
     if len(seeds) < least:
         return None
