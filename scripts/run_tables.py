@@ -18,11 +18,12 @@ Per row, ``<out>/<backbone>/<method>/seed<N>/``: ``cmd.sh``, ``train.log``, ``ti
 ``test/`` (the evaluation's CSVs), ``row.json`` (the row's results), copied to ``--results`` (default ``<out>``) as
 ``<backbone>/<method>/seed<N>.json``: a row whose result is there is finished and kept, on any machine (keep
 ``--results`` in the repository, e.g. ``bundle/docs/reports/paper_tables/acdc``, and commit it as rows arrive; the
-models stay in ``--out``). An interrupted training continues from its last epoch checkpoint. Undeformed and Elastix
-come from ``compare_methods.py`` (``<out>/reference``, its table copied to ``<results>/reference.csv``;
-``--elastix-cache`` reuses an ``elastix_ddf.npz`` of the same pairs). After every row, ``<out>/tables.md`` /
-``tables.csv`` (and ``--report``) are rewritten from every finished row in ``--results``, pooling seeds. A failed row
-is reported with its log and the others go on (exit code 1).
+models stay in ``--out``; where a two-network row's MSE run has a result but no checkpoints there, its warm-up alone
+is trained again, in ``<out>/branch_points``). An interrupted training continues from its last epoch checkpoint.
+Undeformed and Elastix come from ``compare_methods.py`` (``<out>/reference``, its table copied to
+``<results>/reference.csv``; ``--elastix-cache`` reuses an ``elastix_ddf.npz`` of the same pairs). After every row,
+``<out>/tables.md`` / ``tables.csv`` (and ``--report``) are rewritten from every finished row in ``--results``, pooling
+seeds. A failed row is reported with its log and the others go on (exit code 1).
 """
 
 from __future__ import annotations
@@ -112,9 +113,8 @@ def training_command(plan: Plan, row: Row, out: Path) -> list[str]:
         keep = ["--keep_checkpoints", "null"] if row.method == "mse" else []
         return bundle_command(row_plan, run_dir, row.seed, "--use_scoring", "false", "--epochs", str(epochs),
                                "--motion_warmup_epochs", str(epochs), "--scoring_warmup_epochs", "0", *keep, *extra)
-    mse_dir = Row(row.backbone, "mse", row.seed, (), (), (), False).folder(out)
     epochs = plan.motion_warmup + plan.scoring_warmup + plan.joint
-    args = ["--resume_checkpoint", str(branch_checkpoint(mse_dir, plan).resolve()), "--epochs", str(epochs),
+    args = ["--resume_checkpoint", str(branch_source(plan, row, out).resolve()), "--epochs", str(epochs),
             "--motion_warmup_epochs", str(plan.motion_warmup), "--scoring_warmup_epochs", str(plan.scoring_warmup)]
     if plan.alpha is not None:
         args += ["--alpha", str(plan.alpha)]
@@ -167,21 +167,32 @@ def seconds_per_step(log: Path, first_epoch: int, micro_steps: int) -> float | N
     return statistics.median(times) / micro_steps if times else None
 
 
+BRANCH_POINTS = "branch_points"  # MSE warm-ups trained again to branch from, when only the MSE row's result is here
 _MSE_LOCKS: dict[tuple[str, int], threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
+
+
+def branch_source(plan: Plan, row: Row, out: Path) -> Path:
+    """Where a two-network row's branch checkpoint is (or will be): its MSE run's own, else a warm-up trained again."""
+    mse = Row(row.backbone, "mse", row.seed, row.backbone_configs, (), (), False)
+    own = branch_checkpoint(mse.folder(out), plan)
+    return own if own.is_file() else branch_checkpoint(mse.folder(out / BRANCH_POINTS), plan)
 
 
 def branch_point(plan: Plan, row: Row, out: Path) -> Path:
     """The checkpoint a two-network row branches from: its backbone's MSE run at the end of the motion-only warm-up.
     Where that run's result came from another machine (``--results``) and its checkpoints are not in ``out``, the MSE
-    run is trained again here, once, to branch from (its recorded result is kept)."""
+    run's warm-up alone is trained again here, once, in ``out/branch_points`` (its recorded result is kept)."""
+    checkpoint = branch_source(plan, row, out)
+    if checkpoint.is_file():
+        return checkpoint
     mse = Row(row.backbone, "mse", row.seed, row.backbone_configs, (), (), False)
-    checkpoint = branch_checkpoint(mse.folder(out), plan)
+    warmup_only = replace(plan, joint=0)  # the same run, stopped at the branch point: no epoch it does not need
     with _LOCKS_LOCK:
         lock = _MSE_LOCKS.setdefault((row.backbone, row.seed), threading.Lock())
     with lock:
         if not checkpoint.is_file():
-            train(plan, mse.folder(out), training_command(plan, mse, out))
+            train(warmup_only, mse.folder(out / BRANCH_POINTS), training_command(warmup_only, mse, out / BRANCH_POINTS))
     if not checkpoint.is_file():
         raise RunFailed(f"{checkpoint} is missing: the MSE run did not save its warm-up checkpoint")
     return checkpoint

@@ -180,7 +180,8 @@ def test_a_missing_config_fails_its_rows_and_the_others_finish(prepared: Path, t
 
 def test_a_recorded_mse_run_is_trained_again_once_to_branch_from(prepared: Path, tmp_path: Path, monkeypatch):
     """A new machine: the MSE row's result is in --results but its checkpoints are not in --out; the two-network rows
-    that branch off it train it again, once, even when they start together."""
+    that branch off it train its warm-up again (6 epochs, not the whole run), once, even when they start together,
+    and then resume from it."""
     import threading
     import time
 
@@ -188,6 +189,8 @@ def test_a_recorded_mse_run_is_trained_again_once_to_branch_from(prepared: Path,
 
     def fake_train(plan, run_dir, command, branch_epoch_file=None):
         trained.append(run_dir)
+        options = _options(command)
+        assert options["epochs"] == options["motion_warmup_epochs"] == "6" and options["use_scoring"] == "false"
         time.sleep(0.2)
         (run_dir / "models").mkdir(parents=True, exist_ok=True)
         (run_dir / "models" / "checkpoint_epoch=6.pt").write_text("")
@@ -202,7 +205,16 @@ def test_a_recorded_mse_run_is_trained_again_once_to_branch_from(prepared: Path,
         thread.start()
     for thread in threads:
         thread.join()
-    assert trained == [args.out / "vxm" / "mse" / "seed0"]
+    branch_from = args.out / "branch_points" / "vxm" / "mse" / "seed0"
+    assert trained == [branch_from]
+    for row in rows:
+        assert _options(tables.training_command(plan, row, args.out))["resume_checkpoint"] == str(
+            (branch_from / "models" / "checkpoint_epoch=6.pt").resolve())
+    (args.out / "vxm" / "mse" / "seed0" / "models").mkdir(parents=True)  # the MSE run's own checkpoint comes first
+    (args.out / "vxm" / "mse" / "seed0" / "models" / "checkpoint_epoch=6.pt").write_text("")
+    own = args.out / "vxm" / "mse" / "seed0" / "models" / "checkpoint_epoch=6.pt"
+    assert tables.branch_point(plan, rows[0], args.out) == own
+    assert len(trained) == 1
 
 
 def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
@@ -232,3 +244,10 @@ def test_tiny_table_end_to_end_and_resume(prepared: Path, tmp_path: Path):
     shutil.rmtree(out)
     assert tables.main(argv) == 0 and not list(out.glob("*/*/seed0/train.log"))
     assert (out / "tables.md").read_text() == text
+    # a new two-network row there: the MSE warm-up alone (1 epoch here) is trained again to branch from
+    argv[argv.index("adacs") + 1:argv.index("adacs") + 1] = ["adacs_no_smooth"]
+    assert tables.main(argv) == 0, [p.read_text()[-3000:] for p in out.rglob("train.log")]
+    warmup = out / "branch_points" / "vxm" / "mse" / "seed0" / "models"
+    assert (warmup / "checkpoint_epoch=1.pt").is_file() and not (warmup / "checkpoint_epoch=2.pt").exists()
+    assert str(warmup / "checkpoint_epoch=1.pt") in (out / "vxm" / "adacs_no_smooth" / "seed0" / "cmd.sh").read_text()
+    assert (results / "vxm" / "adacs_no_smooth" / "seed0.json").is_file()
