@@ -241,15 +241,27 @@ def record_finished(out: Path, results: Path) -> None:
 
 def finished_rows(results: Path, out: Path) -> dict[str, list[dict]]:
     """Every finished row in ``results``, by ``backbone/method``, one entry per seed; with its per-slice Dice where
-    its evaluation is in ``out`` (kept there only: per-slice values of the datasets are not committed)."""
+    its evaluation is in ``out`` (kept there only: per-slice values of the datasets are not committed) and is the one
+    recorded: a run trained again on another machine (not bit-reproducible) has other values, and a p-value from it
+    would not belong to the row the table shows."""
     found: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*/*/seed*.json")):
         result = json.loads(path.read_text())
         test_dir = out / result["backbone"] / result["method"] / path.stem / "test"
         if (test_dir / "paper_dice_raw.csv").is_file():
-            result["dice_per_case"] = dice_per_case(test_dir)
+            per_case = dice_per_case(test_dir)
+            if abs(_nanmean(per_case.values()) - result["dice"]["mean"]) < 5e-3:
+                result["dice_per_case"] = per_case
+            else:
+                print(f"{test_dir}: not the recorded run ({_nanmean(per_case.values()):.2f}, recorded "
+                      f"{result['dice']['mean']:.2f}); no per-slice p from it", file=sys.stderr)
         found.setdefault(result["row"], []).append(result)
     return found
+
+
+def _nanmean(values) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def pooled(results: list[dict]) -> dict:
