@@ -385,8 +385,10 @@ def write_tables(spec: dict, dataset: str, out: Path, results: Path, budget: str
              f"Budget: {budget}. Ours: mean ± std over test slices (mean over seeds when several; `seeds` says how "
              "many), myocardium at ES, paper protocol; `–`: not run yet or not reported. p vs MSE: paired t-test of "
              "the per-slice Dice against the same backbone's MSE row (same seeds); it says how consistently a row "
-             "differs across slices, not across training runs. p seeds: paired t-test of the mean Dice per training "
-             "seed against MSE's (three seeds or more): whether the gap survives retraining. "
+             "differs across slices, not across training runs; `–` for a row run on a machine without the MSE row's "
+             "evaluation (per-slice values are not committed, and MSE trained again is not the same run). p seeds: "
+             "paired t-test of the mean Dice per training seed against MSE's (three seeds or more): whether the gap "
+             "survives retraining. "
              "s/step: seconds per training micro-step of 4 pairs (the paper's T_train), measured while other rows "
              "trained beside it.", ""]
     csv_rows = []
