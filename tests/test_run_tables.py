@@ -154,7 +154,7 @@ def test_tables_pool_seeds_keep_the_paper_layout_and_say_where_the_order_differs
 
 def test_no_per_slice_p_from_an_evaluation_that_is_not_the_recorded_run(tmp_path: Path):
     """MSE trained again on another machine (not bit-reproducible): its evaluation in ``out`` is not the recorded row's,
-    so no p is computed from it; the row's kept p is used, or none."""
+    so no p is computed from it."""
     out = tmp_path / "t"
     cases = lambda mean, noise: {f"s{i}": mean - 3.5 + i + (noise if i % 2 else -noise) for i in range(8)}  # noqa: E731
     _finished(out, "vxm/mse", 0, 80.0, cases=cases(80.6, 0.5))  # recorded 80.0, the evaluation here 80.6
