@@ -74,6 +74,11 @@ class Row:
     def key(self) -> str:
         return f"{self.backbone}/{self.method}"
 
+    @property
+    def mse(self) -> "Row":
+        """The same backbone and seed's MSE row (the one two-network rows branch off)."""
+        return Row(self.backbone, "mse", self.seed, self.backbone_configs, (), (), False)
+
     def folder(self, out: Path) -> Path:
         return out / self.backbone / self.method / f"seed{self.seed}"
 
@@ -174,9 +179,8 @@ _LOCKS_LOCK = threading.Lock()
 
 def branch_source(plan: Plan, row: Row, out: Path) -> Path:
     """Where a two-network row's branch checkpoint is (or will be): its MSE run's own, else a warm-up trained again."""
-    mse = Row(row.backbone, "mse", row.seed, row.backbone_configs, (), (), False)
-    own = branch_checkpoint(mse.folder(out), plan)
-    return own if own.is_file() else branch_checkpoint(mse.folder(out / BRANCH_POINTS), plan)
+    own = branch_checkpoint(row.mse.folder(out), plan)
+    return own if own.is_file() else branch_checkpoint(row.mse.folder(out / BRANCH_POINTS), plan)
 
 
 def branch_point(plan: Plan, row: Row, out: Path) -> Path:
@@ -186,8 +190,7 @@ def branch_point(plan: Plan, row: Row, out: Path) -> Path:
     checkpoint = branch_source(plan, row, out)
     if checkpoint.is_file():
         return checkpoint
-    mse = Row(row.backbone, "mse", row.seed, row.backbone_configs, (), (), False)
-    warmup_only = replace(plan, joint=0)  # the same run, stopped at the branch point: no epoch it does not need
+    mse, warmup_only = row.mse, replace(plan, joint=0)  # the same run, stopped at the branch point
     with _LOCKS_LOCK:
         lock = _MSE_LOCKS.setdefault((row.backbone, row.seed), threading.Lock())
     with lock:
@@ -250,11 +253,12 @@ def finished_rows(results: Path, out: Path) -> dict[str, list[dict]]:
         test_dir = out / result["backbone"] / result["method"] / path.stem / "test"
         if (test_dir / "paper_dice_raw.csv").is_file():
             per_case = dice_per_case(test_dir)
-            if abs(_nanmean(per_case.values()) - result["dice"]["mean"]) < 5e-3:
+            here, recorded = _nanmean(per_case.values()), result["dice"]["mean"]
+            if abs(here - recorded) < 5e-3:
                 result["dice_per_case"] = per_case
             else:
-                print(f"{test_dir}: not the recorded run ({_nanmean(per_case.values()):.2f}, recorded "
-                      f"{result['dice']['mean']:.2f}); no per-slice p from it", file=sys.stderr)
+                print(f"{test_dir}: not the recorded run ({here:.2f}, recorded {recorded:.2f}); no per-slice p from it",
+                      file=sys.stderr)
         found.setdefault(result["row"], []).append(result)
     return found
 
